@@ -1,0 +1,1 @@
+"""Prefect flows and the `anole` CLI. They orchestrate; the work lives in `pipeline/` and `workers/`."""

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests run offline: analytics off, data from ../shared."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline import settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def omniglot_zips() -> list[Path]:
+    """The two Omniglot minimal background zips; skips when the shared data is absent."""
+    zips = settings.omniglot_background_sources()
+    if len(zips) < 2:
+        pytest.skip("Omniglot minimal splits not found; set ANOLE_DATA")
+    return zips
+
+
+@pytest.fixture(scope="session")
+def oneshot_runs() -> list[Path]:
+    """The one-shot run folders; skips when the shared data is absent."""
+    runs = settings.omniglot_oneshot_runs()
+    if not runs:
+        pytest.skip("Omniglot one-shot runs not found; set ANOLE_DATA")
+    return runs

@@ -1,0 +1,1 @@
+"""Thin Ray actors over `pipeline/`: adaptation workers and the parameter server."""
