@@ -1,0 +1,330 @@
+"""The `anole` command line. Heavy modules are imported inside commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="anole",
+    help="Distributed meta-learning for few-shot image recognition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", help="Store directory (default: $ANOLE_HOME or ./anole-store)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _offline_env() -> None:
+    # These machines have no network: keep Prefect and Ray from phoning home.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _emit(as_json: bool, payload: Any, human: str | None = None) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    elif human is not None:
+        typer.echo(human)
+
+
+def _fail(message: str) -> None:
+    _console().print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+class _Progress:
+    """A rich progress bar driven by `(done, total)` callbacks from pipeline code."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.description = description
+        self.enabled = enabled and sys.stderr.isatty() or os.environ.get("ANOLE_PROGRESS") == "1"
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=_console(), transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=None, info="")
+        return self
+
+    def __call__(self, done: int, total: int, info: dict[str, float] | None = None) -> None:
+        if self._bar is not None:
+            text = "  ".join(f"{k}={v:.3g}" for k, v in (info or {}).items() if k in ("loss", "accuracy"))
+            self._bar.update(self._task, completed=done, total=total, info=text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _guard(fn):
+    """Turn AnoleError into a one-line message and exit code 2, instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import AnoleError
+
+        try:
+            return fn(*args, **kwargs)
+        except AnoleError as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@app.command()
+@_guard
+def ingest(
+    source: Annotated[Path, typer.Argument(help="A folder or .zip: <alphabet>/<character>/*.png or <domain>/<class>/*.jpg.")],
+    domain: Annotated[str | None, typer.Option(help="Name of a single-domain source, or the one domain to take from a multi-domain source.")] = None,
+    store: StoreOpt = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip unreadable images with a warning instead of failing.")] = False,
+    min_images: Annotated[int, typer.Option(help="Warn about classes with fewer images than this.")] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest an image domain into the Parquet store (idempotent and atomic)."""
+    from pipeline.store import Store
+
+    with _Progress(f"ingest {source.name}", enabled=not as_json) as bar:
+        report = Store(store).ingest(source, domain, skip_invalid=skip_invalid, min_images=min_images,
+                                     progress=bar)
+    payload = report.to_dict()
+    if as_json:
+        _emit(True, payload)
+        return
+    for w in payload.get("warnings", []):
+        _console().print(f"[yellow]warning:[/] {w}")
+    for d in payload.get("domains", []):
+        typer.echo(f"{d['domain']:<40} {d['outcome']:<12} {d['classes']:>5} classes {d['images']:>7} images")
+
+
+@app.command()
+@_guard
+def domains(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List ingested domains: classes, images, content hash, version, ingestion time."""
+    from pipeline.store import Store
+
+    infos = [d.to_dict() for d in Store(store).domains()]
+    if as_json:
+        _emit(True, infos)
+        return
+    if not infos:
+        typer.echo("no domains ingested yet; run `anole ingest SOURCE`")
+        return
+    typer.echo(f"{'domain':<40} {'ver':>3} {'classes':>7} {'images':>7}  {'hash':<12}  ingested")
+    for d in infos:
+        typer.echo(
+            f"{d['name']:<40} {d['version']:>3} {d['classes']:>7} {d['images']:>7}  "
+            f"{d['content_hash'][:12]:<12}  {d['ingested_at']}"
+        )
+
+
+@app.command()
+@_guard
+def sample(
+    out: Annotated[Path, typer.Option(help="Parquet file for the task pool.")],
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 15,
+    episodes: Annotated[int, typer.Option(help="Number of episodes in the pool.")] = 1000,
+    seed: int = 0,
+    mode: Annotated[str, typer.Option(help="within (one domain per episode) or unstructured.")] = "within",
+    rotations: Annotated[bool, typer.Option("--rotations", help="Rotated copies count as new classes.")] = False,
+    domain: Annotated[list[str] | None, typer.Option(help="Restrict to these domains (repeatable).")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample a reproducible pool of N-way K-shot episode specs into Parquet."""
+    from pipeline.store import Store
+    from pipeline.tasks import EpisodeSampler
+
+    images = Store(store).load_images(domain or None)
+    sampler = EpisodeSampler(images, ways=ways, shots=shots, queries=queries, domains=domain or None,
+                             mode=mode, rotations=rotations)
+    specs = sampler.sample(episodes, seed=seed)
+    specs.write_pool(out)
+    _emit(as_json, {"pool": str(out), "episodes": episodes, "ways": ways, "shots": shots,
+                    "queries": queries, "seed": seed, "mode": mode, "data_version": images.data_version},
+          f"wrote {episodes} {ways}-way {shots}-shot episodes to {out}")
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@app.command()
+@_guard
+def evaluate(
+    runs: Annotated[list[Path] | None, typer.Option("--runs", help="One-shot run folders (runNN/) or a folder of them; repeatable.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (.pt) or run directory to score.")] = None,
+    baseline: Annotated[str, typer.Option(help="Without --checkpoint: mhd (modified Hausdorff) or pixels.")] = "mhd",
+    ways: Annotated[int | None, typer.Option(help="Held-out N-way evaluation (needs --checkpoint).")] = None,
+    shots: int = 1,
+    queries: int = 5,
+    episodes: int = 600,
+    bn_mode: Annotated[str | None, typer.Option(help="transductive, per_image or support (default: the checkpoint's).")] = None,
+    seed: int = 0,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a checkpoint or a baseline on Lake's one-shot runs and/or held-out alphabets."""
+    from pipeline import scoring
+
+    if not runs and ways is None:
+        _fail("give --runs DIR (one-shot runs) and/or --ways N with --checkpoint (held-out alphabets)")
+    result: dict[str, Any] = {}
+    run_dirs = scoring.find_runs(runs or [])
+    if checkpoint is None:
+        if ways is not None:
+            _fail("--ways needs --checkpoint: held-out accuracy scores a trained model")
+        scores = scoring.score_baseline(run_dirs, baseline)
+        result["oneshot"] = scores.to_dict()
+        _emit(as_json, result, scores.table())
+        return
+    model = scoring.load_model(checkpoint)
+    if run_dirs:
+        scores = scoring.score_oneshot(model, run_dirs, bn_mode=bn_mode)
+        result["oneshot"] = scores.to_dict()
+        if not as_json:
+            typer.echo(scores.table())
+    if ways is not None:
+        from pipeline.store import Store
+
+        acc = scoring.score_heldout(model, Store(store), ways=ways, shots=shots, queries=queries,
+                                    episodes=episodes, seed=seed, bn_mode=bn_mode)
+        result["heldout"] = acc.to_dict()
+        if not as_json:
+            typer.echo(f"held-out {model.split_name} alphabets: {acc}")
+    if as_json:
+        _emit(True, result)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+@app.command()
+@_guard
+def train(
+    learner: Annotated[str | None, typer.Option(help="protonet, reptile, fomaml or maml (default: protonet).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Time budget; replaces the step count.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Meta-updates to run.")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, TensorBoard logs.")] = Path("anole-runs/latest"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest good checkpoint in --out.")] = False,
+    workers: Annotated[int, typer.Option(help="Ray adaptation workers; 0 trains in this process.")] = 0,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    store: StoreOpt = None,
+    help_config: Annotated[bool, typer.Option("--help-config", help="List every config field and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Meta-train a learner on the store's domains, checkpointing as it goes."""
+    from pipeline.config import TrainConfig, config_for, field_docs
+
+    if help_config:
+        defaults = TrainConfig().to_dict()
+        for name, doc in field_docs().items():
+            typer.echo(f"{name} = {defaults[name]!r}\n    {doc}")
+        return
+    _offline_env()
+    cfg = config_for(learner, config, set_ or [], minutes=minutes, steps=steps)
+    result = _train(cfg, out, store, resume=resume, workers=workers, ray_address=ray_address,
+                    quiet=as_json)
+    _emit(as_json, result, _train_summary(result))
+
+
+def _train(cfg, out: Path, store: Path | None, *, resume: bool, workers: int,
+           ray_address: str | None, quiet: bool) -> dict[str, Any]:
+    from pipeline.store import Store
+
+    images = Store(store).load_images(
+        list(cfg.domains) or None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
+    )
+    if not images.domains:
+        raise typer.BadParameter("the store is empty: run `anole ingest SOURCE` first")
+    with _Progress(f"train {cfg.learner}", enabled=not quiet) as bar:
+        if workers > 0:
+            from workers.driver import train_distributed
+
+            result = train_distributed(cfg, images, out, workers=workers, address=ray_address,
+                                       resume=resume, progress=bar)
+        else:
+            from pipeline.train import Trainer
+
+            result = Trainer(cfg, images, out, progress=bar).run(resume=resume)
+    return result.to_dict()
+
+
+def _train_summary(result: dict[str, Any]) -> str:
+    best = result.get("best_val")
+    best_txt = f"{best:.1%}" if best is not None else "n/a"
+    return (
+        f"trained {result['step']} steps in {result['seconds']:.0f}s "
+        f"({result['tasks_per_second']:.1f} tasks/s); best validation accuracy {best_txt}\n"
+        f"best checkpoint: {result['best_checkpoint']}"
+    )
+
+
+# --- the main job ----------------------------------------------------------------------------
+
+
+@app.command()
+@_guard
+def run(
+    minutes: Annotated[float, typer.Option(help="Meta-training time budget in minutes.")] = 10.0,
+    learner: Annotated[str | None, typer.Option(help="Learner to train (default: protonet).")] = None,
+    out: Annotated[Path, typer.Option(help="Where the store, checkpoints and report go.")] = Path("anole-runs/main"),
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job on embedded defaults: ingest Omniglot, meta-train, evaluate, report."""
+    _offline_env()
+    from flows.mainjob import run_main_job
+
+    with _Progress("anole run", enabled=not as_json) as bar:
+        summary = run_main_job(out, minutes=minutes, learner=learner, progress=bar,
+                               log=None if as_json else typer.echo)
+    _emit(as_json, summary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""The single-process meta-trainer: sample episodes, take meta-gradients, step, validate, checkpoint.
+
+The per-step pieces (`step_seed`, `MetaOptimizer`, `TrainingData.episodes_for_step`) are shared
+with the Ray parameter server, so a distributed run takes exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, CheckpointDir
+from .config import TrainConfig
+from .episodes import Episodes
+from .errors import CheckpointError, ConfigError
+from .evaluation import Accuracy, evaluate_episodes
+from .images import ImageSet
+from .learners import make_learner
+from .models import conv4, flatten_params, params_of, unflatten_params
+from .tasks import DomainSplit, EpisodeSampler, EpisodeSpecs, affine_augment, materialize, split_domains
+
+Params = dict[str, torch.Tensor]
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 32-bit seed for (run seed, step, stream), independent of any global RNG state."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """Decoded images, the domain split and the samplers of one run."""
+
+    images: ImageSet
+    split: DomainSplit
+    train_sampler: EpisodeSampler
+    config: TrainConfig
+
+    @classmethod
+    def build(cls, images: ImageSet, config: TrainConfig, split: DomainSplit | None = None) -> TrainingData:
+        """Split domains (train/val/test) and make the training sampler."""
+        if split is None:
+            split = split_domains(
+                list(config.domains or images.domains),
+                val=config.val_domains,
+                test=config.test_domains,
+                seed=config.split_seed,
+            )
+        sampler = EpisodeSampler(
+            images,
+            ways=config.ways,
+            shots=config.shots,
+            queries=config.queries,
+            domains=split.train,
+            mode=config.sampling,
+            rotations=config.rotations,
+        )
+        return cls(images, split, sampler, config)
+
+    def specs_for_step(self, step: int) -> EpisodeSpecs:
+        """The meta-batch of episode specs for `step`: a pure function of (seed, step)."""
+        return self.train_sampler.sample(self.config.meta_batch, seed=step_seed(self.config.seed, step))
+
+    def episodes(self, specs: EpisodeSpecs, step: int, device: torch.device | str = "cpu") -> Episodes:
+        """Materialise specs (any shard of a step's specs) with the step's augmentation."""
+        episodes = materialize(self.images, specs, device=device)
+        cfg = self.config
+        if cfg.augment_rotate_deg or cfg.augment_translate or cfg.augment_scale:
+            # Seeded by step and task id so a shard augments its tasks exactly as the whole batch would.
+            episodes = _augment(episodes, specs.task_ids, step, cfg)
+        return episodes
+
+    def eval_specs(self, domains: tuple[str, ...], *, ways: int, shots: int, queries: int,
+                   episodes: int, seed: int, mode: str | None = None) -> EpisodeSpecs:
+        """Fixed evaluation episodes on `domains` (no rotations: real characters only)."""
+        sampler = EpisodeSampler(
+            self.images,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            domains=domains,
+            mode=mode or self.config.val_sampling,
+            rotations=False,
+        )
+        return sampler.sample(episodes, seed=seed)
+
+
+def _augment(episodes: Episodes, task_ids: np.ndarray, step: int, cfg: TrainConfig) -> Episodes:
+    support, query = [], []
+    for i, task_id in enumerate(task_ids.tolist()):
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1 + int(task_id) % (2**31)))
+        kw = dict(
+            max_rotate_deg=cfg.augment_rotate_deg,
+            max_translate=cfg.augment_translate,
+            max_scale=cfg.augment_scale,
+            generator=gen,
+        )
+        support.append(affine_augment(episodes.support_x[i], **kw))
+        query.append(affine_augment(episodes.query_x[i], **kw))
+    return Episodes(
+        torch.stack(support), episodes.support_y, torch.stack(query), episodes.query_y,
+        episodes.ways, episodes.shots, episodes.queries,
+    )
+
+
+# --- model and meta-optimiser ----------------------------------------------------------------
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """conv4 for the config: an embedding for ProtoNets, a `ways`-way head otherwise."""
+    out = None if config.learner == "protonet" else config.ways
+    return conv4(in_channels=config.channels, out_features=out, hidden=config.hidden,
+                 image_size=config.image_size)
+
+
+def build_learner(config: TrainConfig):
+    """The learner named by the config, with its inner-loop settings."""
+    return make_learner(config.learner, config)
+
+
+def initial_params(config: TrainConfig) -> Params:
+    """Freshly initialised meta-parameters, a pure function of the seed."""
+    torch.manual_seed(config.seed)
+    return params_of(build_model(config))
+
+
+class MetaOptimizer:
+    """Owns the meta-parameters and the outer optimiser; applies summed meta-gradients."""
+
+    def __init__(self, params: Params, config: TrainConfig, total_steps: int):
+        self.config = config
+        self.total_steps = total_steps
+        self.params = {k: v.detach().clone().requires_grad_(False) for k, v in params.items()}
+        opt = "sgd" if config.learner == "reptile" else config.meta_optimizer
+        tensors = list(self.params.values())
+        self.optimizer = (
+            torch.optim.Adam(tensors, lr=config.meta_lr) if opt == "adam"
+            else torch.optim.SGD(tensors, lr=config.meta_lr)
+        )
+
+    def learning_rate(self, step: int) -> float:
+        """The outer step size at `step`: Reptile's linear anneal, or the configured schedule."""
+        cfg = self.config
+        frac = min(step / max(self.total_steps, 1), 1.0)
+        if cfg.learner == "reptile":
+            return cfg.meta_step_start + frac * (cfg.meta_step_end - cfg.meta_step_start)
+        if cfg.lr_schedule == "cosine":
+            return cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return cfg.meta_lr
+
+    def apply(self, summed: Params, num_tasks: int, step: int) -> None:
+        """Step on the mean contribution over `num_tasks` tasks."""
+        if num_tasks <= 0:
+            raise ValueError("apply() needs at least one task's contribution")
+        for name, p in self.params.items():
+            p.grad = summed[name].to(p.dtype) / num_tasks
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def flat(self) -> torch.Tensor:
+        return flatten_params(self.params)
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        for name, value in unflatten_params(flat, self.params).items():
+            self.params[name].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {k: v.clone() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state["params"].items():
+            self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.total_steps = int(state["total_steps"])
+
+
+# --- evaluation during training ---------------------------------------------------------------
+
+
+def evaluate_params(learner, params: Params, data: TrainingData, specs: EpisodeSpecs, *,
+                    bn_mode: str, batch_size: int = 16) -> Accuracy:
+    """Accuracy of `params` on fixed episodes, fine-tuning per the learner."""
+
+    def predict(episodes: Episodes) -> torch.Tensor:
+        return learner.adapt_and_predict(params, episodes, bn_mode=bn_mode)
+
+    return evaluate_episodes(predict, data.images, specs, batch_size=batch_size, bn_mode=bn_mode)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """Where a run ended and what it scored."""
+
+    out_dir: Path
+    step: int
+    total_steps: int
+    best_val: float | None
+    best_checkpoint: Path | None
+    latest_checkpoint: Path | None
+    seconds: float
+    tasks_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "best_val": self.best_val,
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "latest_checkpoint": str(self.latest_checkpoint) if self.latest_checkpoint else None,
+            "seconds": round(self.seconds, 2),
+            "tasks_per_second": round(self.tasks_per_second, 2),
+        }
+
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+class Trainer:
+    """Runs a meta-training loop in this process, resumable from its checkpoints."""
+
+    def __init__(self, config: TrainConfig, images: ImageSet, out_dir: str | Path, *,
+                 split: DomainSplit | None = None, init_params: Params | None = None,
+                 progress: ProgressFn | None = None, log_tensorboard: bool = True):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.data = TrainingData.build(images, config, split)
+        self.learner = build_learner(config)
+        self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", keep_last=config.keep_last)
+        self.progress = progress
+        self.log_tensorboard = log_tensorboard
+        self.init_params = init_params
+        self.val_specs = self.data.eval_specs(
+            self.data.split.val, ways=config.val_ways, shots=config.val_shots, queries=5,
+            episodes=config.val_episodes, seed=step_seed(config.seed, 0, 7),
+        ) if self.data.split.val else None
+
+    # Checkpoint payload and manifest.
+    def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "learner": self.config.learner,
+            "data_version": self.data.images.data_version,
+            "split": self.data.split.to_dict(),
+            "metrics": metrics,
+            "step": step,
+        }
+
+    def run(self, *, resume: bool = False) -> TrainResult:
+        """Train to the configured steps or time budget; with `resume`, continue the latest checkpoint."""
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        best_val: float | None = None
+        elapsed_before = 0.0
+        ckpt = self.checkpoints.latest() if resume else None
+        if resume and ckpt is None and self.checkpoints.steps():
+            raise CheckpointError(f"no readable checkpoint in {self.checkpoints.root}; cannot resume")
+        if ckpt is not None:
+            self._check_compatible(ckpt)
+            meta = MetaOptimizer(initial_params(cfg), cfg, total_steps=cfg.steps)
+            meta.load_state_dict(ckpt.state["meta"])
+            start = ckpt.step
+            best_val = ckpt.state.get("best_val")
+            elapsed_before = float(ckpt.state.get("elapsed", 0.0))
+            torch.set_rng_state(ckpt.state["torch_rng"])
+        else:
+            params = self.init_params if self.init_params is not None else initial_params(cfg)
+            meta = MetaOptimizer(params, cfg, total_steps=cfg.steps)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        history = self._read_history(upto=start)
+        writer = self._tensorboard()
+        t0 = time.perf_counter()
+        train_seconds = 0.0
+        tasks_done = 0
+        metrics: dict[str, float] = {}
+        last_ckpt: Path | None = ckpt.path if ckpt else None
+        budget = cfg.minutes * 60.0
+        budget_fixed = not budget or ckpt is not None
+        step = start
+        try:
+            if start == 0 and self.val_specs is not None:
+                best_val = self._validate(meta, 0, history, writer, best_val, force_save=False)
+            while step < meta.total_steps:
+                if budget and elapsed_before + time.perf_counter() - t0 > budget:
+                    break
+                ts = time.perf_counter()
+                specs = self.data.specs_for_step(step)
+                episodes = self.data.episodes(specs, step)
+                summed, sums = self.learner.meta_gradient(meta.params, episodes)
+                meta.apply(summed, specs.num_tasks, step)
+                step += 1
+                train_seconds += time.perf_counter() - ts
+                tasks_done += specs.num_tasks
+                metrics = _mean_metrics(sums, specs.num_tasks)
+                metrics["meta_lr"] = meta.learning_rate(step - 1)
+                if not budget_fixed and step - start == 20:
+                    meta.total_steps = self._steps_for_budget(step, elapsed_before + time.perf_counter() - t0,
+                                                              train_seconds / 20)
+                    budget_fixed = True
+                self._log(writer, history, step, metrics)
+                if self.progress:
+                    self.progress(step, meta.total_steps, metrics)
+                is_val = self.val_specs is not None and step % cfg.val_every == 0
+                if is_val:
+                    best_val = self._validate(meta, step, history, writer, best_val)
+                if step % cfg.checkpoint_every == 0 or is_val:
+                    last_ckpt = self._save(meta, step, metrics, best_val,
+                                           elapsed_before + time.perf_counter() - t0)
+        finally:
+            if writer is not None:
+                writer.close()
+        if step > start or last_ckpt is None:
+            if self.val_specs is not None and step % cfg.val_every != 0:
+                best_val = self._validate(meta, step, history, None, best_val)
+            last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + time.perf_counter() - t0)
+        best = self.checkpoints.best()
+        return TrainResult(
+            out_dir=self.out_dir,
+            step=step,
+            total_steps=meta.total_steps,
+            best_val=best_val,
+            best_checkpoint=best.path if best else last_ckpt,
+            latest_checkpoint=last_ckpt,
+            seconds=time.perf_counter() - t0,
+            tasks_per_second=tasks_done / train_seconds if train_seconds else 0.0,
+            history=history,
+        )
+
+    # --- pieces of the loop ---
+    def _steps_for_budget(self, step: int, elapsed: float, sec_per_step: float) -> int:
+        """Total steps that fit the time budget, counting validation time per step."""
+        cfg = self.config
+        val_cost = getattr(self, "_val_seconds", 0.0) / cfg.val_every
+        remaining = cfg.minutes * 60.0 - elapsed
+        return max(step + 1, step + int(remaining / (sec_per_step + val_cost)))
+
+    def _validate(self, meta: MetaOptimizer, step: int, history: list[dict[str, Any]], writer,
+                  best_val: float | None, force_save: bool = True) -> float | None:
+        t = time.perf_counter()
+        acc = evaluate_params(self.learner, meta.params, self.data, self.val_specs,
+                              bn_mode=self.config.bn_mode)
+        self._val_seconds = time.perf_counter() - t
+        record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
+        history.append(record)
+        self._append_jsonl(record)
+        if writer is not None:
+            writer.add_scalar("val/accuracy", acc.mean, step)
+        if best_val is None or acc.mean > best_val:
+            self._new_best = True
+            return acc.mean
+        self._new_best = False
+        return best_val
+
+    def _save(self, meta: MetaOptimizer, step: int, metrics: dict[str, float],
+              best_val: float | None, elapsed: float) -> Path:
+        state = {
+            "meta": meta.state_dict(),
+            "best_val": best_val,
+            "elapsed": elapsed,
+            "torch_rng": torch.get_rng_state(),
+        }
+        manifest = self._manifest(step, {**metrics, "best_val": best_val})
+        manifest["total_steps"] = meta.total_steps
+        is_best = getattr(self, "_new_best", False)
+        self._new_best = False
+        return self.checkpoints.save(step, state, manifest, best=is_best)
+
+    def _check_compatible(self, ckpt: Checkpoint) -> None:
+        saved = ckpt.manifest.get("config", {})
+        mine = self.config.to_dict()
+        ignore = {"steps", "minutes", "val_every", "checkpoint_every", "keep_last", "num_threads"}
+        diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+        if diff:
+            raise ConfigError(
+                f"cannot resume from {ckpt.path}: config fields {diff} differ from the checkpoint's; "
+                "resume with the same config, or train into a new --out directory"
+            )
+        if ckpt.manifest.get("data_version") != self.data.images.data_version:
+            raise ConfigError(
+                f"cannot resume from {ckpt.path}: it was trained on data version "
+                f"{ckpt.manifest.get('data_version')}, the store now holds {self.data.images.data_version}"
+            )
+
+    def _tensorboard(self):
+        if not self.log_tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional at runtime; metrics.jsonl always exists
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _log(self, writer, history: list[dict[str, Any]], step: int, metrics: dict[str, float]) -> None:
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"train/{key}", value, step)
+        if step % 10 == 0 or step == 1:
+            record = {"step": step, **metrics}
+            history.append(record)
+            self._append_jsonl(record)
+
+    def _append_jsonl(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _read_history(self, upto: int) -> list[dict[str, Any]]:
+        """Metrics logged up to step `upto`; later lines (from a run that crashed) are dropped."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
+        if upto == 0:
+            kept = []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+
+def _mean_metrics(sums: dict[str, float], num_tasks: int) -> dict[str, float]:
+    return {k: float(v) / num_tasks for k, v in sums.items() if k != "tasks"}
