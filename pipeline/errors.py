@@ -23,3 +23,7 @@ class CheckpointError(AnoleError):
 
 class ConfigError(AnoleError):
     """A configuration field is unknown or has a bad value."""
+
+
+class StoreError(AnoleError):
+    """The store is unreadable, damaged, or lacks a requested domain."""
