@@ -206,7 +206,7 @@ def sample_id(domain: str, cls: str, digest: str) -> str:
     return hashlib.sha256(f"{domain}\x00{cls}\x00{digest}".encode()).hexdigest()[:16]
 
 
-def check_domain_name(name: str, *, where: str = "domain name") -> str:
+def check_domain_name(name: str, *, subject: str | None = None) -> str:
     """Return `name` if it can name a `domain=<name>` partition folder, else raise IngestError."""
     if (
         not name
@@ -216,8 +216,9 @@ def check_domain_name(name: str, *, where: str = "domain name") -> str:
         or len(name) > 200
         or _BAD_NAME_CHARS.search(name)
     ):
+        subject = subject or f"domain name {name!r}"
         raise IngestError(
-            f"{where} {name!r} cannot name a store partition: a domain name must be non-empty, "
+            f"{subject} cannot name a store partition: a domain name must be non-empty, "
             "at most 200 characters, not start with '.' or a space, and contain no '/', '\\', "
             "'=' or control characters. Rename it (or pass a valid domain=/--domain)."
         )
@@ -494,7 +495,7 @@ def scan_source(
     if min_images < 1:
         raise IngestError(f"min_images must be at least 1, got {min_images}.")
     if domain is not None:
-        check_domain_name(domain, where="domain=")
+        check_domain_name(domain, subject=f"domain={domain!r}")
     src_path = Path(source).expanduser().resolve()
     with _open_source(src_path) as src:
         files, dirs = src.listing()
@@ -519,10 +520,10 @@ def scan_source(
                     "Pass one of these, or none to ingest them all."
                 )
             for folder in rename:
-                check_domain_name(folder, where=f"domain folder {folder!r} in {src_path}:")
+                check_domain_name(folder, subject=f"domain folder {folder!r} in {src_path}")
         else:
             name = domain or _default_domain_name(src_path)
-            check_domain_name(name, where=f"domain name {name!r} (from {src_path.name}):")
+            check_domain_name(name, subject=f"domain name {name!r} (from {src_path.name})")
 
         def locate(parts: tuple[str, ...]) -> tuple[str, str] | None:
             """(stored domain, class) of a path at or below class depth, or None if not selected."""
