@@ -167,9 +167,19 @@ class Store:
 
             if to_write:
                 self._remove_orphans(registry)
-                for d, record in to_write:
-                    self._write_part(self.root / record["path"], d.table)
-                self._write_registry(new_registry)  # the commit point
+                written: list[Path] = []
+                try:
+                    for d, record in to_write:
+                        path = self.root / record["path"]
+                        written.append(path)
+                        self._write_part(path, d.table)
+                    self._write_registry(new_registry)  # the commit point
+                except BaseException:
+                    # Nothing names these files yet; take them back so the store is as before.
+                    for path in written:
+                        path.unlink(missing_ok=True)
+                        _remove_empty_parents(path.parent, stop=self.root)
+                    raise
         return IngestReport(
             source=scanned.source,
             layout=scanned.layout,
@@ -321,6 +331,16 @@ class Store:
             )
         return table
 
+    def read_version(self, name: str, version: int) -> pa.Table:
+        """The rows of one version of domain `name`, current or not (see `history`)."""
+        for info in self.history(name):
+            if info.version == version:
+                return self._read_part(info)
+        raise StoreError(
+            f"domain {name!r} has no version {version} in store {self.root}; "
+            f"it has {[i.version for i in self.history(name)]}."
+        )
+
     def load_images(
         self,
         domains: list[str] | tuple[str, ...] | str | None = None,
@@ -377,6 +397,16 @@ class Store:
             )
         except OSError:
             pass  # a read-only store still loads; it just decodes again next time
+
+
+def _remove_empty_parents(folder: Path, *, stop: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `stop` while they are empty."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _current_entry(entry: dict[str, Any]) -> dict[str, Any]:
