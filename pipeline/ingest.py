@@ -548,11 +548,19 @@ def scan_source(
         for d in dirs:
             if len(d.parts) == cls_depth and (where := locate(d.parts)) is not None:
                 class_folders[where] = d.display
-        domains_in_source = {
-            rename.get(d.parts[layout.prefix])
-            for d in dirs
-            if layout.multi and len(d.parts) == layout.prefix + 1
-        } - {None}
+        if layout.multi and domain is None:
+            wrapper = images[0].parts[: layout.prefix]
+            for d in dirs:
+                if (
+                    len(d.parts) == layout.prefix + 1
+                    and d.parts[: layout.prefix] == wrapper
+                    and d.parts[-1] not in rename
+                ):
+                    warns.append(
+                        f"skipped folder {d.display}: no images in class folders under it; "
+                        "add <class>/<image> files or remove it"
+                    )
+        domains_in_source = set(rename.values()) if layout.multi else {name}
 
         candidates.sort(key=lambda c: (c.domain, c.cls, c.entry.display))
         rows, invalid = _check_files(src, candidates, progress)
@@ -663,7 +671,7 @@ def _assemble(
                 f"skipped empty class folder {folder} ({why}); add images or remove the folder"
             )
     for dom in sorted(domains_in_source - by_domain.keys()):
-        warns.append(f"skipped domain {dom!r}: it has no class folders with images")
+        warns.append(f"skipped domain {dom!r}: none of its images are valid; fix or replace them")
 
     domains: list[ScannedDomain] = []
     for dom in sorted(by_domain):

@@ -144,9 +144,8 @@ class Store:
                 if current is not None and current["content_hash"] == d.content_hash:
                     outcomes.append(_outcome(d, "unchanged", current["version"]))
                     continue
-                version = (
-                    1 + max((v["version"] for v in entry["versions"]), default=0) if entry else 1
-                )
+                previous = [v["version"] for v in entry["versions"]] if entry else []
+                version = max(previous, default=0) + 1
                 record = {
                     "version": version,
                     "content_hash": d.content_hash,
@@ -176,6 +175,8 @@ class Store:
                     self._write_registry(new_registry)  # the commit point
                 except BaseException:
                     # Nothing names these files yet; take them back so the store is as before.
+                    if self._committed(new_registry):
+                        raise  # failed after the rename: the new registry stands
                     for path in written:
                         path.unlink(missing_ok=True)
                         _remove_empty_parents(path.parent, stop=self.root)
@@ -188,6 +189,13 @@ class Store:
             files_seen=scanned.files_seen,
             seconds=time.perf_counter() - start,
         )
+
+    def _committed(self, registry: dict[str, Any]) -> bool:
+        """Whether the registry on disk is `registry` (so its files must stay)."""
+        try:
+            return json.loads(self.registry_path.read_text()) == registry
+        except (OSError, ValueError):
+            return False
 
     def _write_part(self, path: Path, table: pa.Table) -> None:
         """Write one domain version's Parquet file: temp file, fsync, rename."""

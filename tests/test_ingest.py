@@ -227,6 +227,25 @@ def test_empty_class_folder_warned_and_skipped(tmp_path):
         assert "photos/empty_class/" in warning and "empty class folder" in warning
 
 
+def test_empty_domain_folder_warned(tmp_path):
+    files = generic_files()
+    files["paintings/still_life"] = None
+    report = scan_source(make_tree(tmp_path / "src", files))
+    assert [d.name for d in report.domains] == ["photos", "sketches"]
+    (warning,) = report.warnings
+    assert "paintings/" in warning and "no images" in warning
+
+
+def test_domain_left_empty_by_skipped_files(tmp_path):
+    files = generic_files()
+    files["paintings/still_life/x.png"] = b"not an image"
+    report = scan_source(make_tree(tmp_path / "src", files), skip_invalid=True)
+    assert [d.name for d in report.domains] == ["photos", "sketches"]
+    assert any("'paintings'" in w and "none of its images" in w for w in report.warnings)
+    with pytest.raises(IngestError, match="no valid images left"):
+        scan_source(make_tree(tmp_path / "bad", {"d/c/x.png": b"junk"}), skip_invalid=True)
+
+
 def test_class_left_empty_by_skipped_files(tmp_path):
     files = generic_files()
     files["photos/bad/x.png"] = b"nope"
