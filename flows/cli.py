@@ -115,7 +115,7 @@ def ingest(
     domain: Annotated[str | None, typer.Option(help="Name of a single-domain source, or the one domain to take from a multi-domain source.")] = None,
     store: StoreOpt = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip unreadable images with a warning instead of failing.")] = False,
-    min_images: Annotated[int, typer.Option(help="Warn about classes with fewer images than this.")] = 2,
+    min_images: Annotated[int, typer.Option(help="Warn about classes with fewer images than this.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest an image domain into the Parquet store (idempotent and atomic)."""
@@ -131,7 +131,9 @@ def ingest(
     for w in payload.get("warnings", []):
         _console().print(f"[yellow]warning:[/] {w}")
     for d in payload.get("domains", []):
-        typer.echo(f"{d['domain']:<40} {d['outcome']:<12} {d['classes']:>5} classes {d['images']:>7} images")
+        typer.echo(
+            f"{d['name']:<40} {d['outcome']:<12} {d['num_classes']:>5} classes {d['num_images']:>7} images"
+        )
 
 
 @app.command()
@@ -150,7 +152,7 @@ def domains(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     typer.echo(f"{'domain':<40} {'ver':>3} {'classes':>7} {'images':>7}  {'hash':<12}  ingested")
     for d in infos:
         typer.echo(
-            f"{d['name']:<40} {d['version']:>3} {d['classes']:>7} {d['images']:>7}  "
+            f"{d['name']:<40} {d['version']:>3} {d['num_classes']:>7} {d['num_images']:>7}  "
             f"{d['content_hash'][:12]:<12}  {d['ingested_at']}"
         )
 
