@@ -252,21 +252,11 @@ class Trainer:
         self.progress = progress
         self.log_tensorboard = log_tensorboard
         self.init_params = init_params
-        self.val_specs = self.data.eval_specs(
-            self.data.split.val, ways=config.val_ways, shots=config.val_shots, queries=5,
-            episodes=config.val_episodes, seed=step_seed(config.seed, 0, 7),
-        ) if self.data.split.val else None
+        self.val_specs = validation_specs(self.data)
 
     # Checkpoint payload and manifest.
     def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "learner": self.config.learner,
-            "data_version": self.data.images.data_version,
-            "split": self.data.split.to_dict(),
-            "metrics": metrics,
-            "step": step,
-        }
+        return checkpoint_manifest(self.data, step, metrics)
 
     def run(self, *, resume: bool = False) -> TrainResult:
         """Train to the configured steps or time budget; with `resume`, continue the latest checkpoint."""
@@ -316,7 +306,7 @@ class Trainer:
                 step += 1
                 train_seconds += time.perf_counter() - ts
                 tasks_done += specs.num_tasks
-                metrics = _mean_metrics(sums, specs.num_tasks)
+                metrics = mean_metrics(sums, specs.num_tasks)
                 metrics["meta_lr"] = meta.learning_rate(step - 1)
                 if not budget_fixed and step - start == 20:
                     meta.total_steps = self._steps_for_budget(step, elapsed_before + time.perf_counter() - t0,
@@ -378,12 +368,7 @@ class Trainer:
 
     def _save(self, meta: MetaOptimizer, step: int, metrics: dict[str, float],
               best_val: float | None, elapsed: float) -> Path:
-        state = {
-            "meta": meta.state_dict(),
-            "best_val": best_val,
-            "elapsed": elapsed,
-            "torch_rng": torch.get_rng_state(),
-        }
+        state = checkpoint_state(meta, best_val, elapsed)
         manifest = self._manifest(step, {**metrics, "best_val": best_val})
         manifest["total_steps"] = meta.total_steps
         is_best = getattr(self, "_new_best", False)
@@ -391,20 +376,7 @@ class Trainer:
         return self.checkpoints.save(step, state, manifest, best=is_best)
 
     def _check_compatible(self, ckpt: Checkpoint) -> None:
-        saved = ckpt.manifest.get("config", {})
-        mine = self.config.to_dict()
-        ignore = {"steps", "minutes", "val_every", "checkpoint_every", "keep_last", "num_threads"}
-        diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
-        if diff:
-            raise ConfigError(
-                f"cannot resume from {ckpt.path}: config fields {diff} differ from the checkpoint's; "
-                "resume with the same config, or train into a new --out directory"
-            )
-        if ckpt.manifest.get("data_version") != self.data.images.data_version:
-            raise ConfigError(
-                f"cannot resume from {ckpt.path}: it was trained on data version "
-                f"{ckpt.manifest.get('data_version')}, the store now holds {self.data.images.data_version}"
-            )
+        check_compatible(ckpt, self.config, self.data.images.data_version)
 
     def _tensorboard(self):
         if not self.log_tensorboard:
@@ -425,20 +397,85 @@ class Trainer:
             self._append_jsonl(record)
 
     def _append_jsonl(self, record: dict[str, Any]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.out_dir, record)
 
     def _read_history(self, upto: int) -> list[dict[str, Any]]:
-        """Metrics logged up to step `upto`; later lines (from a run that crashed) are dropped."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
-        if upto == 0:
-            kept = []
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return kept
+        return read_history(self.out_dir, upto)
 
 
-def _mean_metrics(sums: dict[str, float], num_tasks: int) -> dict[str, float]:
+# --- run bookkeeping shared with the Ray parameter server (workers/server.py) -----------------
+
+
+def validation_specs(data: TrainingData) -> EpisodeSpecs | None:
+    """The fixed validation episodes of a run (None without validation domains)."""
+    cfg = data.config
+    if not data.split.val:
+        return None
+    return data.eval_specs(
+        data.split.val, ways=cfg.val_ways, shots=cfg.val_shots, queries=5,
+        episodes=cfg.val_episodes, seed=step_seed(cfg.seed, 0, 7),
+    )
+
+
+def checkpoint_manifest(data: TrainingData, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a checkpoint: config, learner, data version, split, metrics and step."""
+    return {
+        "config": data.config.to_dict(),
+        "learner": data.config.learner,
+        "data_version": data.images.data_version,
+        "split": data.split.to_dict(),
+        "metrics": metrics,
+        "step": step,
+    }
+
+
+def checkpoint_state(meta: MetaOptimizer, best_val: float | None, elapsed: float) -> dict[str, Any]:
+    """The payload of a checkpoint: meta-parameters and optimiser state, best score, time, RNG."""
+    return {
+        "meta": meta.state_dict(),
+        "best_val": best_val,
+        "elapsed": elapsed,
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def check_compatible(ckpt: Checkpoint, config: TrainConfig, data_version: str) -> None:
+    """Raise ConfigError unless `ckpt` was trained with this config (bar budgets) and data."""
+    saved = ckpt.manifest.get("config", {})
+    mine = config.to_dict()
+    ignore = {"steps", "minutes", "val_every", "checkpoint_every", "keep_last", "num_threads"}
+    diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+    if diff:
+        raise ConfigError(
+            f"cannot resume from {ckpt.path}: config fields {diff} differ from the checkpoint's; "
+            "resume with the same config, or train into a new --out directory"
+        )
+    if ckpt.manifest.get("data_version") != data_version:
+        raise ConfigError(
+            f"cannot resume from {ckpt.path}: it was trained on data version "
+            f"{ckpt.manifest.get('data_version')}, the store now holds {data_version}"
+        )
+
+
+def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record to the run's metrics.jsonl."""
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_history(out_dir: Path, upto: int) -> list[dict[str, Any]]:
+    """Metrics logged up to step `upto`; later lines (from a run that crashed) are dropped."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
+    if upto == 0:
+        kept = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def mean_metrics(sums: dict[str, float], num_tasks: int) -> dict[str, float]:
+    """Per-task means of a learner's metric sums (the "tasks" count itself dropped)."""
     return {k: float(v) / num_tasks for k, v in sums.items() if k != "tasks"}
+
