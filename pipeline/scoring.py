@@ -1,0 +1,132 @@
+"""Score trained checkpoints and baselines: held-out alphabets and Lake's one-shot runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .episodes import Episodes
+from .errors import AnoleError, ConfigError
+from .evaluation import Accuracy
+from .oneshot import OneShotRun, RunScores, mhd_classify, pixel_nn_classify, read_run, score_runs
+from .tasks import DomainSplit
+
+BASELINES = {"mhd": mhd_classify, "pixels": pixel_nn_classify}
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint ready to predict: its config, learner, meta-parameters and domain split."""
+
+    path: Path
+    config: TrainConfig
+    params: dict[str, torch.Tensor]
+    split: DomainSplit
+    data_version: str
+    step: int
+
+    @property
+    def learner(self):
+        from .train import build_learner
+
+        return build_learner(self.config)
+
+    @property
+    def split_name(self) -> str:
+        return "test" if self.split.test else "validation"
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    """Load a verified checkpoint (a .pt, or a run directory: its best, else latest)."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        path = best if best.exists() else path / "checkpoints"
+    ckpt = load_checkpoint(path)
+    manifest = ckpt.manifest
+    return TrainedModel(
+        path=ckpt.path,
+        config=TrainConfig.from_dict(manifest["config"], source=str(ckpt.path)),
+        params=ckpt.state["meta"]["params"],
+        split=DomainSplit.from_dict(manifest["split"]),
+        data_version=manifest.get("data_version", ""),
+        step=ckpt.step,
+    )
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders from `paths`: each a runNN/ folder, or a folder holding runNN/ folders."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise AnoleError(f"--runs {p}: no such folder; point it at runNN/ or its parent")
+        if (p / "class_labels.txt").exists():
+            runs.append(p)
+        else:
+            found = sorted(c for c in p.iterdir() if (c / "class_labels.txt").exists())
+            if not found:
+                raise AnoleError(f"--runs {p}: holds neither class_labels.txt nor runNN/ folders")
+            runs.extend(found)
+    return runs
+
+
+def score_baseline(run_dirs: Sequence[Path], name: str) -> RunScores:
+    """Error of a non-learned baseline (mhd or pixels) on each run."""
+    if name not in BASELINES:
+        raise ConfigError(f"--baseline {name!r}: choose one of {', '.join(BASELINES)}")
+    image_size = 28 if name == "pixels" else None
+    return score_runs((read_run(d, image_size=image_size) for d in run_dirs), BASELINES[name])
+
+
+def run_episode(run: OneShotRun) -> Episodes:
+    """A one-shot run as one episode: each training image is a class, the test items are queries."""
+    support = torch.from_numpy(run.train_images).float().div_(255.0)
+    query = torch.from_numpy(run.test_images).float().div_(255.0)
+    return Episodes(
+        support_x=support[None],
+        support_y=torch.arange(run.num_train)[None],
+        query_x=query[None],
+        query_y=torch.from_numpy(np.asarray(run.test_labels, dtype=np.int64))[None],
+        ways=run.num_train,
+        shots=1,
+        queries=1,
+    )
+
+
+def score_oneshot(model: TrainedModel, run_dirs: Sequence[Path], *,
+                  bn_mode: str | None = None) -> RunScores:
+    """Error of the model on each one-shot run, fine-tuning on the run's 20 training images."""
+    cfg = model.config
+    learner = model.learner
+    mode = bn_mode or cfg.bn_mode
+
+    def classify(run: OneShotRun) -> np.ndarray:
+        logits = learner.adapt_and_predict(model.params, run_episode(run), bn_mode=mode)
+        return logits[0].argmax(-1).numpy()
+
+    runs = (read_run(d, image_size=cfg.image_size) for d in run_dirs)
+    return score_runs(runs, classify)
+
+
+def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries: int = 5,
+                  episodes: int = 600, seed: int = 0, bn_mode: str | None = None,
+                  mode: str | None = None) -> Accuracy:
+    """N-way K-shot accuracy with a 95% CI on the domains the model never trained on."""
+    from .train import TrainingData, evaluate_params
+
+    cfg = model.config
+    domains = model.split.test or model.split.val
+    if not domains:
+        raise ConfigError(f"{model.path} was trained with no held-out domains (val_domains=test_domains=0)")
+    images = store.load_images(list(domains), image_size=cfg.image_size, channels=cfg.channels,
+                               invert=cfg.invert)
+    data = TrainingData(images, model.split, None, cfg)  # type: ignore[arg-type]
+    specs = data.eval_specs(domains, ways=ways, shots=shots, queries=queries, episodes=episodes,
+                            seed=seed, mode=mode)
+    return evaluate_params(model.learner, model.params, data, specs, bn_mode=bn_mode or cfg.bn_mode)
