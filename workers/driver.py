@@ -230,7 +230,7 @@ class DistributedTrainer:
             **server_options(plan, ray.get_runtime_context().get_node_id())
         ).remote(
             cfg.to_dict(),
-            self._images_ref,
+            [self._images_ref],
             split,
             str(self.out_dir),
             mode=self.options.mode,
@@ -242,7 +242,7 @@ class DistributedTrainer:
         )
         self.workers = [
             RemoteAdaptationWorker.options(**worker_options(plan, self._pg, i)).remote(
-                cfg.to_dict(), self._images_ref, split, plan.threads
+                cfg.to_dict(), [self._images_ref], split, plan.threads
             )
             for i in range(self.num_workers)
         ]

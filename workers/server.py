@@ -50,15 +50,17 @@ from pipeline.train import (
 )
 
 from .protocol import Ack, ServerStatus, Snapshot, UpdateHeader
-from .worker import flat_to_params, param_template
+from .worker import flat_to_params, param_template, resolve_images
 
 
 def _was_restarted() -> bool:
     """True inside an actor that Ray re-created after a crash."""
+    if not ray.is_initialized():
+        return False
     try:
-        return ray.is_initialized() and bool(
-            ray.get_runtime_context().was_current_actor_reconstructed
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray warns about its own use of a deprecated property
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not inside an actor
         return False
 
@@ -69,7 +71,7 @@ class ParameterServer:
     def __init__(
         self,
         config: dict[str, Any],
-        images: ImageSet,
+        images: ImageSet | list[Any],
         split: dict[str, Any],
         out_dir: str,
         *,
@@ -87,7 +89,9 @@ class ParameterServer:
         self.staleness = int(staleness)
         self.run_info = dict(run_info or {})
         self.out_dir = Path(out_dir)
-        self.data = TrainingData.build(images, self.config, DomainSplit.from_dict(split))
+        self.data = TrainingData.build(
+            resolve_images(images), self.config, DomainSplit.from_dict(split)
+        )
         self.learner = build_learner(self.config)
         self.template = param_template(self.config)
         self.checkpoints = CheckpointDir(

@@ -40,8 +40,11 @@ def flat_to_params(
 
     The result never aliases `flat` (object-store arrays are read-only and shared).
     """
-    tensor = torch.as_tensor(np.asarray(flat)) if isinstance(flat, np.ndarray) else flat
-    tensor = tensor.to(device=device, dtype=torch.float32, copy=True)
+    if isinstance(flat, np.ndarray):
+        # Copy: object-store arrays are read-only views of shared memory.
+        tensor = torch.from_numpy(np.array(flat, dtype=np.float32)).to(device)
+    else:
+        tensor = flat.to(device=device, dtype=torch.float32, copy=True)
     expected = sum(p.numel() for p in template.values())
     if tensor.dim() != 1 or tensor.numel() != expected:
         raise ValueError(
@@ -59,6 +62,17 @@ def params_to_flat(params: Params, template: Params) -> np.ndarray:
     """The tensors of `params`, in the template's order, as one float32 numpy array on the CPU."""
     parts = [params[name].detach().reshape(-1) for name in template]
     return torch.cat(parts).to("cpu", torch.float32).numpy()
+
+
+def resolve_images(images: ImageSet | list[Any]) -> ImageSet:
+    """The ImageSet itself, or the one behind `[object_ref]` read from Ray's object store.
+
+    The driver passes the reference inside a list so Ray does not pin it as a constructor
+    argument of a restartable actor; its numpy arrays stay zero-copy, read-only views.
+    """
+    if isinstance(images, list):
+        return ray.get(images[0])
+    return images
 
 
 def pick_device() -> tuple[torch.device, list[str]]:
@@ -89,12 +103,16 @@ class AdaptationWorker:
     """
 
     def __init__(
-        self, config: dict[str, Any], images: ImageSet, split: dict[str, Any], threads: int = 1
+        self,
+        config: dict[str, Any],
+        images: ImageSet | list[Any],
+        split: dict[str, Any],
+        threads: int = 1,
     ):
         torch.set_num_threads(max(1, int(threads)))
         self.threads = max(1, int(threads))
         self.config = TrainConfig.from_dict(config)
-        self.images = images
+        self.images = images = resolve_images(images)
         self.data = TrainingData.build(images, self.config, DomainSplit.from_dict(split))
         self.learner = build_learner(self.config)
         self.template = param_template(self.config)

@@ -1,0 +1,435 @@
+"""Distributed training on a real local Ray: parity with the Trainer, failures, resume.
+
+One local Ray (3 logical CPUs) serves the whole module; failures are real SIGKILLs of actor
+processes and of an `anole train` subprocess. Data: the Omniglot small1 zip ingested into tmp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pipeline.checkpoint import CheckpointDir, load_checkpoint  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.errors import CheckpointError, ConfigError  # noqa: E402
+from workers.driver import DistributedTrainer, shard_specs, train_distributed  # noqa: E402
+from workers.protocol import UpdateHeader  # noqa: E402
+from workers.resources import ClusterView, RayOptions, plan_resources, shortfall  # noqa: E402
+from workers.server import ParameterServer  # noqa: E402
+
+ray = pytest.importorskip("ray")
+
+ZIP = (
+    Path(os.environ.get("ANOLE_DATA", "/work/shared/data"))
+    / "omniglot/images_background_small1.zip"
+)
+
+# Small and numerically tame (one inner step): shard sums agree with the batched sum to ~1e-8.
+EXACT = dict(
+    hidden=8,
+    meta_batch=6,
+    inner_steps=1,
+    steps=6,
+    val_every=3,
+    val_episodes=4,
+    val_ways=5,
+    checkpoint_every=2,
+    seed=1,
+    num_threads=1,
+)
+# More compute per call (so a kill lands mid-call), compared against a clean distributed run.
+FAULT = TrainConfig(
+    learner="fomaml",
+    hidden=16,
+    meta_batch=6,
+    inner_steps=3,
+    steps=6,
+    val_every=3,
+    val_episodes=4,
+    val_ways=5,
+    checkpoint_every=2,
+    seed=2,
+    num_threads=1,
+)
+ONE_CPU = RayOptions(worker_cpus=1, min_tasks_per_call=1)
+
+
+def flat_params(checkpoint: Path) -> np.ndarray:
+    params = load_checkpoint(checkpoint).state["meta"]["params"]
+    return np.concatenate([v.reshape(-1).numpy() for v in params.values()])
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> Path:
+    if not ZIP.exists():
+        pytest.skip(f"{ZIP} not found; set ANOLE_DATA")
+    from pipeline.store import Store
+
+    root = tmp_path_factory.mktemp("store")
+    Store(root).ingest(ZIP)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(store_root):
+    from pipeline.store import Store
+
+    return Store(store_root).load_images()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module: Ray startup costs seconds."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(images, tmp_path_factory):
+    """Single-process Trainer results, by learner (cached for the module)."""
+    from pipeline.train import Trainer
+
+    cache: dict[str, np.ndarray] = {}
+
+    def run(cfg: TrainConfig) -> tuple[np.ndarray, float | None]:
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("trainer")
+            result = Trainer(cfg, images, out, log_tensorboard=False).run()
+            cache[key] = (flat_params(result.latest_checkpoint), result.best_val)
+        return cache[key]
+
+    return run
+
+
+# --- no Ray needed ------------------------------------------------------------------------------
+
+
+def test_options_from_env_and_errors():
+    env = {
+        "ANOLE_RAY_MODE": "async",
+        "ANOLE_RAY_STALENESS": "2",
+        "ANOLE_WORKER_GPUS": "0.5",
+        "ANOLE_PLACEMENT": "pack",
+    }
+    opts = RayOptions.from_env(env, worker_cpus=2)
+    assert (opts.mode, opts.staleness, opts.worker_gpus, opts.placement, opts.worker_cpus) == (
+        "async",
+        2,
+        0.5,
+        "PACK",
+        2.0,
+    )
+    with pytest.raises(ConfigError, match="ANOLE_RAY_MODE"):
+        RayOptions.from_env({"ANOLE_RAY_MODE": "hogwild"})
+    with pytest.raises(ConfigError, match="ANOLE_WORKER_GPUS"):
+        RayOptions.from_env({"ANOLE_WORKER_GPUS": "many"})
+
+
+def test_plan_shares_cpus_and_gpus():
+    cfg = TrainConfig()
+    cluster = ClusterView({"CPU": 8.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 1.0}])
+    plan = plan_resources(cfg, 2, RayOptions(), cluster)
+    assert (plan.worker_cpus, plan.worker_gpus, plan.threads) == (4.0, 0.5, 4)
+    three = plan_resources(cfg, 3, RayOptions(), cluster)
+    assert three.worker_gpus == pytest.approx(1 / 3)
+    cpu_only = plan_resources(
+        cfg.replace(num_threads=1), 2, RayOptions(), ClusterView({"CPU": 2.0})
+    )
+    assert (cpu_only.worker_cpus, cpu_only.worker_gpus, cpu_only.bundle) == (1.0, 0.0, {"CPU": 1.0})
+    want_gpu = plan_resources(
+        cfg, 2, RayOptions(worker_gpus=1), ClusterView({"CPU": 2.0}, [{"CPU": 2.0}])
+    )
+    assert shortfall(want_gpu, ClusterView({"CPU": 2.0}, [{"CPU": 2.0}])) == [
+        "GPU: 2 x 1 = 2 needed, the cluster has 0"
+    ]
+
+
+def test_shards_partition_the_meta_batch(images):
+    from pipeline.train import TrainingData
+
+    data = TrainingData.build(images, TrainConfig(**EXACT))
+    specs = data.specs_for_step(0)
+    for n in (1, 2, 3, 4, 6):
+        shards = shard_specs(specs, n)
+        assert len(shards) == n
+        assert np.array_equal(np.concatenate([s.task_ids for s in shards]), specs.task_ids)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(images, tmp_path):
+    CheckpointDir(tmp_path / "checkpoints").save(2, {"x": 1}, {"config": {}})
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_distributed(TrainConfig(**EXACT), images, tmp_path, workers=1)
+
+
+def test_server_counts_each_tag_once_and_drops_stale_updates(images, tmp_path):
+    """The parameter server's bookkeeping, called in-process (no actor): dedup, staleness, orphans."""
+    cfg = TrainConfig(learner="reptile", **{**EXACT, "val_episodes": 2})
+    split = _split(images, cfg)
+    ps = ParameterServer(cfg.to_dict(), images, split, str(tmp_path / "sync"), mode="sync")
+    ids = ps.data.specs_for_step(0).task_ids.tolist()
+    size = sum(p.numel() for p in ps.template.values())
+    inc = ps.incarnation
+
+    def header(step, tasks, version=0, incarnation=inc):
+        return UpdateHeader(step, tuple(tasks), version, incarnation, {"tasks": len(tasks)}, 0.0)
+
+    ones = np.ones(size, np.float32)
+    assert ps.push(header(0, ids[:3]), ones).status == "pending"
+    assert ps.push(header(0, ids[:3]), ones).status == "duplicate"  # a retried push
+    with pytest.raises(ValueError, match="overlap"):
+        ps.push(header(0, ids[2:4]), ones)
+    assert ps.push(header(0, ids[3:]), ones).status == "applied"
+    assert ps.push(header(0, ids[3:]), ones).status == "duplicate"  # late retry after the step
+    assert ps.push(header(1, ids[:3], incarnation="other"), ones).status == "orphaned"
+    assert ps.counters == {"applied": 1, "duplicates": 2, "dropped_stale": 0, "orphaned": 1}
+
+    ps = ParameterServer(
+        cfg.to_dict(), images, split, str(tmp_path / "async"), mode="async", staleness=1
+    )
+    inc = ps.incarnation
+    statuses = [ps.push(header(d, [d], version=0, incarnation=inc), ones).status for d in range(4)]
+    assert statuses == ["applied", "applied", "stale", "stale"]  # lag 0, 1, then 2 > bound
+    assert ps.push(header(1, [1], version=0, incarnation=inc), ones).status == "duplicate"
+    assert ps.counters["dropped_stale"] == 2 and ps.step == 2
+
+
+def _split(images, cfg):
+    from pipeline.train import TrainingData
+
+    return TrainingData.build(images, cfg).split.to_dict()
+
+
+# --- on a local Ray -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learner", ["reptile", "fomaml"])
+def test_sync_training_matches_the_single_process_trainer(
+    learner, images, local_ray, trainer_runs, tmp_path
+):
+    cfg = TrainConfig(learner=learner, **EXACT)
+    expected, expected_val = trainer_runs(cfg)
+    for workers in (1, 2, 3):
+        result = train_distributed(
+            cfg,
+            images,
+            tmp_path / f"w{workers}",
+            workers=workers,
+            options=ONE_CPU,
+            log_tensorboard=False,
+        )
+        np.testing.assert_allclose(
+            result.final_params,
+            expected,
+            rtol=0,
+            atol=2e-6,
+            err_msg=f"{learner} on {workers} worker(s)",
+        )
+        np.testing.assert_array_equal(flat_params(result.latest_checkpoint), result.final_params)
+        assert result.best_val == pytest.approx(expected_val, abs=1e-6)
+        assert result.counters == {
+            "applied": cfg.steps,
+            "duplicates": 0,
+            "dropped_stale": 0,
+            "orphaned": 0,
+        }
+        assert [w["device"] for w in result.worker_info] == ["cpu"] * workers
+        assert all(w["images_zero_copy"] and w["threads"] == 1 for w in result.worker_info)
+        manifest = json.loads(result.latest_checkpoint.with_suffix(".json").read_text())
+        assert manifest["data_version"] == images.data_version and manifest["learner"] == learner
+        assert manifest["distributed"]["workers"] == workers
+    assert CheckpointDir(tmp_path / "w3" / "checkpoints").steps() == [
+        3,
+        4,
+        6,
+    ]  # every 2nd and every validated step; keep_last = 3
+
+
+@pytest.fixture(scope="module")
+def clean_fault_run(images, local_ray, tmp_path_factory):
+    """The FAULT config on 2 workers without failures: what every failure test must reproduce."""
+    out = tmp_path_factory.mktemp("clean")
+    return train_distributed(FAULT, images, out, workers=2, options=ONE_CPU, log_tensorboard=False)
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_killed_worker_mid_step_is_replaced(images, clean_fault_run, tmp_path):
+    killed: list[int] = []
+
+    def kill_when_busy(pid: int) -> None:
+        # SIGKILL once the worker has burnt 20 ms of CPU on the next step: mid-call, for real.
+        start = _cpu_ticks(pid)
+        deadline = time.time() + 10
+        while time.time() < deadline and _cpu_ticks(pid) - start < 2:
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    trainer: DistributedTrainer
+
+    def progress(done, total, metrics):
+        if done == 2 and not killed:
+            thread = threading.Thread(target=kill_when_busy, args=(trainer.worker_pids()[0],))
+            thread.start()
+
+    trainer = DistributedTrainer(
+        FAULT,
+        images,
+        tmp_path,
+        workers=2,
+        options=ONE_CPU,
+        progress=progress,
+        log_tensorboard=False,
+    )
+    result = trainer.run()
+    assert killed
+    assert result.retries >= 1 and result.worker_failures >= 1
+    # No lost and no double-counted update: exactly the clean run's parameters.
+    np.testing.assert_allclose(result.final_params, clean_fault_run.final_params, rtol=0, atol=1e-7)
+    assert result.counters["applied"] == FAULT.steps and result.counters["duplicates"] == 0
+
+
+def test_killed_parameter_server_restarts_from_its_checkpoint(images, clean_fault_run, tmp_path):
+    trainer: DistributedTrainer
+    killed: list[int] = []
+
+    later: list[int] = []
+
+    def progress(done, total, metrics):
+        if done == 5 and not killed:  # last checkpoint at step 4
+            killed.append(trainer.server_pid())
+            os.kill(killed[0], signal.SIGKILL)
+        elif done == 6:
+            later.append(trainer.server_pid())
+
+    trainer = DistributedTrainer(
+        FAULT,
+        images,
+        tmp_path,
+        workers=2,
+        options=ONE_CPU,
+        progress=progress,
+        log_tensorboard=False,
+    )
+    result = trainer.run()
+    assert killed and later and later[0] != killed[0]  # a new process took over
+    assert (result.ps_restarts, result.steps_redone, result.step) == (1, 1, FAULT.steps)
+    np.testing.assert_allclose(result.final_params, clean_fault_run.final_params, rtol=0, atol=1e-7)
+
+
+def test_corrupt_checkpoint_falls_back_and_says_so(images, clean_fault_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(clean_fault_run.out_dir, run)
+    latest = run / "checkpoints" / "step-00000006.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a truncated copy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_distributed(
+            FAULT, images, run, workers=2, resume=True, options=ONE_CPU, log_tensorboard=False
+        )
+    assert any("corrupt" in str(w.message) and "falling back" in str(w.message) for w in caught)
+    assert result.checkpoint_fallbacks and "step-00000006" in result.checkpoint_fallbacks[0]
+    assert result.resumed_from.endswith("step-00000004.pt")
+    np.testing.assert_allclose(result.final_params, clean_fault_run.final_params, rtol=0, atol=1e-7)
+    # Resuming with another config is refused with the reason, in this process.
+    with pytest.raises(ConfigError, match=r"\['hidden'\] differ"):
+        train_distributed(
+            FAULT.replace(hidden=8), images, run, workers=1, resume=True, options=ONE_CPU
+        )
+
+
+def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_path):
+    cfg = FAULT.replace(steps=5)
+    strict = train_distributed(
+        cfg,
+        images,
+        tmp_path / "strict",
+        workers=2,
+        log_tensorboard=False,
+        options=RayOptions(mode="async", staleness=0, worker_cpus=1),
+    )
+    c = strict.counters
+    assert strict.step == 5 and c["applied"] == 5 and c["duplicates"] == 0
+    assert c["dropped_stale"] >= 1  # two workers in flight: the slower one is always one behind
+    assert strict.to_dict()["mode"] == "async"
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_with_the_same_config_data_and_rng(
+    store_root, images, local_ray, trainer_runs, tmp_path
+):
+    sets = {**EXACT, "steps": 40, "checkpoint_every": 5, "val_every": 20}
+    cfg = TrainConfig(learner="reptile", **sets)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        "--learner",
+        "reptile",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--store",
+        str(store_root),
+        "--ray-address",
+        ray.get_runtime_context().gcs_address,
+        "--json",
+    ]
+    for key in (
+        "hidden",
+        "meta_batch",
+        "inner_steps",
+        "val_episodes",
+        "val_ways",
+        "checkpoint_every",
+        "val_every",
+        "seed",
+        "num_threads",
+    ):
+        cmd += ["--set", f"{key}={sets[key]}"]
+    cmd += ["--steps", "40"]
+    env = {**os.environ, "ANOLE_MIN_TASKS_PER_CALL": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*.json")):
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = CheckpointDir(out / "checkpoints").steps()
+    assert steps and steps[-1] < 40, "the driver finished before it could be killed"
+
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["step"] == 40 and result["resumed_from"].endswith(f"step-{steps[-1]:08d}.pt")
+    manifest = json.loads(Path(result["latest_checkpoint"]).with_suffix(".json").read_text())
+    assert manifest["config"] == cfg.to_dict() and manifest["data_version"] == images.data_version
+    expected, _ = trainer_runs(cfg)
+    np.testing.assert_allclose(
+        flat_params(Path(result["latest_checkpoint"])), expected, rtol=0, atol=2e-6
+    )
