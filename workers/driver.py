@@ -17,6 +17,7 @@ checkpoint and the driver redoes the steps since. Updates are tagged, so nothing
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoint import CheckpointDir
+from pipeline.checkpoint import Checkpoint, CheckpointDir
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.images import ImageSet
 from pipeline.tasks import EpisodeSpecs
-from pipeline.train import ProgressFn, TrainingData, TrainResult
+from pipeline.train import ProgressFn, TrainingData, TrainResult, check_compatible
 
 from .protocol import Ack, ServerStatus, Snapshot, WorkerInfo
 from .resources import (
@@ -189,12 +190,28 @@ class DistributedTrainer:
                 f"{self.out_dir} already holds checkpoints (steps {checkpoints.steps()[-3:]}); pass "
                 "--resume to continue that run, or train into a new --out directory"
             )
+        if resume:
+            self._preflight_resume(checkpoints)
         with ray_session(self.address, local_cpus(self.config, self.num_workers, self.options)):
             try:
                 self._start(resume)
                 return self._train()
             finally:
                 self._stop()
+
+    def _preflight_resume(self, checkpoints: CheckpointDir) -> None:
+        """Refuse a resume with another config or data before starting any actor (cheap: JSON only).
+
+        The parameter server verifies checksums and falls back past corrupt payloads itself.
+        """
+        for step in reversed(checkpoints.steps()):
+            path = checkpoints.step_path(step)
+            try:
+                manifest = json.loads(path.with_suffix(".json").read_text())
+            except (OSError, ValueError):
+                continue
+            check_compatible(Checkpoint(path, manifest, {}), self.config, self.images.data_version)
+            return
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers (as they are now: a restarted worker has a new one)."""
