@@ -129,7 +129,7 @@ def test_a_gpu_request_the_cluster_cannot_meet_fails_fast_with_the_fix(cluster, 
     assert (
         "--num-gpus" in message
         and "ANOLE_WORKER_GPUS=0" in message
-        and "fewer --workers" in message
+        and "use fewer --workers" in message
     )
     # Nothing is left reserved: the next run gets the whole cluster.
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]

@@ -255,24 +255,29 @@ def shortfall(plan: ResourcePlan, cluster: ClusterView) -> list[str]:
 
 
 def _placement_message(plan: ResourcePlan, cluster: ClusterView, waited: float) -> str:
-    problems = shortfall(plan, cluster) or ["resources exist but are held by other actors or jobs"]
+    problems = shortfall(plan, cluster) or [
+        "the resources exist but other actors or jobs hold them"
+    ]
     fixes = []
     if any(p.startswith("GPU") for p in problems):
         fixes.append("add GPU nodes (`ray start --address=HEAD --num-gpus=1`)")
-        fixes.append("or train the workers on CPUs with ANOLE_WORKER_GPUS=0")
+        fixes.append("run the workers on CPUs (ANOLE_WORKER_GPUS=0)")
     if any(p.startswith("CPU") for p in problems):
-        fixes.append("lower ANOLE_WORKER_CPUS / config num_threads, or add nodes")
+        fixes.append("give each worker fewer CPUs (ANOLE_WORKER_CPUS or config num_threads)")
     if any(p.startswith("nodes") for p in problems):
-        fixes.append("use ANOLE_PLACEMENT=SPREAD")
-    fixes.append("or ask for fewer --workers")
+        fixes.append("allow several workers per node (ANOLE_PLACEMENT=SPREAD)")
+    if not fixes:
+        fixes.append("wait for the other jobs (raise ANOLE_PLACEMENT_TIMEOUT)")
+    fixes.append("use fewer --workers")
     bundle = ", ".join(f"{k}: {v:g}" for k, v in plan.bundle.items())
     return (
         f"could not place {plan.workers} adaptation worker(s) with {{{bundle}}} each "
         f"({plan.placement}) within {waited:.0f}s: "
         + "; ".join(problems)
         + ". Fix: "
-        + ", ".join(fixes)
-        + f" (ANOLE_PLACEMENT_TIMEOUT raises the {plan.placement_timeout_s:g}s wait)."
+        + ", ".join(fixes[:-1])
+        + ("," if len(fixes) > 2 else "")
+        + f" or {fixes[-1]}."
     )
 
 
