@@ -175,6 +175,7 @@ class DistributedTrainer:
         self.steps_redone = 0
         self.fallbacks: list[str] = []
         self._high_step = 0
+        self._step_retries = 0
         self._step_stats: list[tuple[float, float]] = []  # (step wall s, slowest compute s)
 
     # --- public -------------------------------------------------------------------------------
@@ -359,6 +360,7 @@ class DistributedTrainer:
     def _after_step(self, ack: Ack, num_tasks: int, wall: float) -> None:
         """Count an applied step, report progress, fix the step count of a time budget."""
         self._high_step = max(self._high_step, ack.step)
+        self._step_retries = 0
         self._tasks_done += num_tasks
         self._train_seconds += wall - ack.bookkeeping_s
         self._bookkeeping_seconds += ack.bookkeeping_s
@@ -495,11 +497,22 @@ class DistributedTrainer:
             return None
 
     def _retry(
-        self, pending: dict, key: int, step: int, snap: Snapshot, flat_ref: Any, specs: EpisodeSpecs
+        self,
+        pending: dict,
+        key: int,
+        step: int,
+        snap: Snapshot,
+        flat_ref: Any,
+        specs: EpisodeSpecs,
     ) -> None:
+        """Send a dead worker's specs to a live worker (the same tag: counted once however often)."""
         self.retries += 1
-        if self.retries > self.options.max_retries_per_step * max(1, self._high_step + 1):
-            raise TrainingError(f"gave up after {self.retries} re-dispatches: workers keep dying")
+        self._step_retries += 1
+        if self._step_retries > self.options.max_retries_per_step:
+            raise TrainingError(
+                f"step {step}: gave up after {self._step_retries} re-dispatches; workers keep "
+                "dying (see the Ray logs: out of memory? a crashing CUDA kernel?)"
+            )
         self._submit(pending, key, step, snap, flat_ref, specs, self._pick_worker(pending))
 
     def _pick_worker(self, pending: dict, prefer: int | None = None) -> int:
