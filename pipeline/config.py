@@ -38,6 +38,8 @@ class TrainConfig:
     """Inner-loop optimiser for Reptile: sgd or adam (MAML variants always use SGD)."""
     eval_inner_steps: int = 3
     """Fine-tuning steps on the support set at evaluation (MAML family and Reptile)."""
+    temperature: float = 1.0
+    """ProtoNets: logits are -squared distance / temperature."""
     bn_mode: str = "transductive"
     """BatchNorm statistics at evaluation: transductive (whole query set), per_image, or support."""
 
@@ -252,7 +254,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
 # Tuned settings per learner, used when a learner is chosen without a config file.
 LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
     "protonet": {},
-    "reptile": {},
+    # supervised-reptile's Omniglot settings: inner Adam (beta1 = 0), 5 steps, 50 at evaluation.
+    "reptile": {"inner_lr": 1e-3, "inner_steps": 5, "inner_optimizer": "adam", "eval_inner_steps": 50},
     "fomaml": {},
     "maml": {},
 }

@@ -23,7 +23,7 @@ from .episodes import Episodes
 from .errors import CheckpointError, ConfigError
 from .evaluation import Accuracy, evaluate_episodes
 from .images import ImageSet
-from .learners import make_learner
+from .learners import Learner, LearnerConfig, MAMLConfig, ProtoNetConfig, ReptileConfig, make_learner
 from .models import conv4, flatten_params, params_of, unflatten_params
 from .tasks import DomainSplit, EpisodeSampler, EpisodeSpecs, affine_augment, materialize, split_domains
 
@@ -124,9 +124,27 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
                  image_size=config.image_size)
 
 
-def build_learner(config: TrainConfig):
-    """The learner named by the config, with its inner-loop settings."""
-    return make_learner(config.learner, config)
+def learner_config(config: TrainConfig) -> LearnerConfig:
+    """The learner's own config, taken from the run config's fields."""
+    if config.learner == "protonet":
+        return ProtoNetConfig(temperature=config.temperature)
+    if config.learner == "reptile":
+        return ReptileConfig(
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            eval_inner_steps=config.eval_inner_steps,
+            inner_optimizer=config.inner_optimizer,
+        )
+    return MAMLConfig(
+        inner_lr=config.inner_lr,
+        inner_steps=config.inner_steps,
+        eval_inner_steps=config.eval_inner_steps,
+    )
+
+
+def build_learner(config: TrainConfig) -> Learner:
+    """The learner named by the config, with its inner-loop settings and the config's network."""
+    return make_learner(config.learner, learner_config(config), model=build_model(config))
 
 
 def initial_params(config: TrainConfig) -> Params:
