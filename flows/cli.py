@@ -308,19 +308,67 @@ def _train_summary(result: dict[str, Any]) -> str:
 @app.command()
 @_guard
 def run(
-    minutes: Annotated[float, typer.Option(help="Meta-training time budget in minutes.")] = 10.0,
+    minutes: Annotated[float, typer.Option(help="Meta-training budget in minutes: 75% for the first training, 25% for the retrain on new alphabets.")] = 10.0,
     learner: Annotated[str | None, typer.Option(help="Learner to train (default: protonet).")] = None,
-    out: Annotated[Path, typer.Option(help="Where the store, checkpoints and report go.")] = Path("anole-runs/main"),
+    out: Annotated[Path, typer.Option(help="Workspace: store, task pools, runs, reports, champions.")] = Path("anole-runs/main"),
+    workers: Annotated[int | None, typer.Option(help="Ray adaptation workers (default: one per core); 0 trains in this process.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job on embedded defaults: ingest Omniglot, meta-train, evaluate, report."""
+    """The main job as a Prefect flow: ingest Omniglot, train, evaluate, promote; then a new alphabet arrives and is learned."""
     _offline_env()
     from flows.mainjob import run_main_job
 
     with _Progress("anole run", enabled=not as_json) as bar:
         summary = run_main_job(out, minutes=minutes, learner=learner, progress=bar,
-                               log=None if as_json else typer.echo)
+                               log=None if as_json else typer.echo, workers=workers)
     _emit(as_json, summary)
+
+
+@app.command()
+@_guard
+def serve(
+    root: Annotated[Path, typer.Option("--root", help="Workspace to serve (made by `anole run --out`).")] = Path("anole-runs/main"),
+    cron: Annotated[str, typer.Option(help="Cron schedule of the retrain ('' for none).")] = "0 3 * * *",
+    timezone: Annotated[str | None, typer.Option(help="Time zone of the cron schedule (default: UTC).")] = None,
+    debounce: Annotated[float, typer.Option(help="Seconds to gather a burst of arriving domains into one retrain.")] = 60.0,
+    minutes: Annotated[float, typer.Option(help="Training budget of each retrain.")] = 2.5,
+    steps: Annotated[int | None, typer.Option(help="Fixed meta-updates per retrain instead of --minutes.")] = None,
+    workers: Annotated[int, typer.Option(help="Ray adaptation workers per retrain; 0 trains in the flow's process.")] = 0,
+    inbox: Annotated[Path | None, typer.Option(help="Folder scanned for new domain folders/zips on each retrain (default: ROOT/inbox).")] = None,
+    api_url: Annotated[str | None, typer.Option(help="Prefect API to serve on (default: $PREFECT_API_URL, else a local server started here).")] = None,
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server when one is started.")] = 4200,
+    oneshot: Annotated[bool, typer.Option(help="Score Lake's one-shot runs in each evaluation.")] = True,
+) -> None:
+    """Serve the retrain deployment (nightly cron + anole.domain.arrived trigger) and on-demand pipeline/ingest deployments."""
+    _offline_env()
+    from contextlib import nullcontext
+
+    from flows.serve import local_server
+
+    url = api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    root = root.expanduser().resolve()
+    if url:
+        server = nullcontext(url)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        typer.echo(f"no PREFECT_API_URL: starting a Prefect server on 127.0.0.1:{port} "
+                   f"(database in {root / '.prefect-server'}, log {root / 'prefect-server.log'})")
+        server = local_server(root / ".prefect-server", port=port, log=root / "prefect-server.log")
+    with server as url:
+        os.environ["PREFECT_API_URL"] = url  # flow runs started by the runner inherit it
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows.serve import serve_workspace
+
+        typer.echo(f"serving workspace {root} on {url}")
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            serve_workspace(root, cron=cron or None, timezone=timezone, debounce_s=debounce,
+                            minutes=minutes, steps=steps, workers=workers, inbox=inbox,
+                            oneshot=oneshot)
 
 
 def main() -> None:

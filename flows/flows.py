@@ -165,7 +165,8 @@ def anole_pipeline(
         champion_run_dir=champion["run_dir"] if champion else None,
         oneshot=oneshot,
     )
-    decision = promote(root, checkpoint, ev["scores"], report=ev["report"])
+    # An explicit policy applies to this promotion; otherwise the workspace's.
+    decision = promote(root, checkpoint, ev["scores"], policy=policy, report=ev["report"])
     return {
         "status": "promoted" if decision["promoted"] else "kept",
         "root": str(ws.root),

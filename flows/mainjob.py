@@ -1,15 +1,23 @@
-"""The main job on embedded defaults: ingest Omniglot, meta-train, evaluate, write a report."""
+"""The main job on embedded defaults: the whole Prefect pipeline on Omniglot, then a new alphabet.
+
+`run_main_job` runs the `anole-main-job` flow (flows/flows.py) against Prefect's temporary
+server (or $PREFECT_API_URL when set) and a local Ray: ingest the minimal background splits with
+two alphabets held out, build task pools, meta-train, evaluate, promote; then the held-out
+alphabets arrive, and the champion is retrained on them, evaluated on old and new domains, and
+promoted only if it is better without forgetting.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline import settings
-from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import AnoleError
 
 
@@ -30,73 +38,84 @@ def omniglot_sources(download_root: Path) -> list[Path]:
     return [download_root / "omniglot-py" / "images_background"]
 
 
-def run_main_job(out: Path, *, minutes: float, learner: str | None = None,
-                 progress: Callable[[int, int, dict[str, float]], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Ingest, train for `minutes`, score on held-out alphabets and the one-shot runs; write a report.
+def default_workers() -> int:
+    """Ray adaptation workers for the main job: one per core."""
+    return max(1, os.cpu_count() or 1)
 
-    Re-running with the same `out` reuses the store (ingestion is idempotent) and resumes training.
+
+@contextmanager
+def _local_ray(workers: int) -> Iterator[None]:
+    """One Ray for both trainings of the job (started once, not per training run)."""
+    if workers <= 0:
+        yield
+        return
+    from workers.driver import ray_session
+
+    with ray_session(None, max(workers, os.cpu_count() or 1)):
+        yield
+
+
+def run_main_job(
+    out: Path,
+    *,
+    minutes: float,
+    learner: str | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline in workspace `out`; `minutes` of training, 75% first, 25% retrain.
+
+    Re-running with the same `out` reuses everything already done: cached ingestion and task
+    pools, finished training runs (a crashed one resumes from its checkpoint), the champion.
     """
-    from pipeline.config import config_for
-    from pipeline.scoring import load_model, score_baseline, score_heldout, score_oneshot
-    from pipeline.store import Store
-    from pipeline.train import Trainer
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from .flows import main_job
+    from .tasks import set_progress_listener
 
     say = log or (lambda _msg: None)
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workers = default_workers() if workers is None else workers
+    sources = omniglot_sources(out / "downloads")
     t0 = time.perf_counter()
-    store = Store(out / "store")
-    for source in omniglot_sources(out / "downloads"):
-        report = store.ingest(source)
-        say(f"ingested {source.name}: " + ", ".join(f"{d.name} {d.outcome}" for d in report.domains))
-
-    cfg = config_for(learner, minutes=minutes)
-    images = store.load_images(None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert)
-    run_dir = out / "train"
-    resume = (run_dir / "checkpoints").is_dir()
-    say(f"meta-training {cfg.learner} for {minutes:g} min on {len(images.domains)} alphabets"
-        f"{' (resuming)' if resume else ''}")
-    result = Trainer(cfg, images, run_dir, progress=progress).run(resume=resume)
-
-    model = load_model(run_dir)
-    summary: dict[str, Any] = {
-        "learner": cfg.learner,
-        "train": result.to_dict(),
-        "split": model.split.to_dict(),
-        "checkpoint": str(model.path),
-        "data_version": images.data_version,
-    }
-    for ways in (5, 20):
-        acc = score_heldout(model, store, ways=ways, shots=1, episodes=600 if ways == 5 else 200,
-                            mode="within")
-        summary[f"heldout_{ways}way_1shot"] = acc.to_dict()
-        say(f"held-out {'/'.join(model.split.test)}: {acc}")
-    runs = settings.omniglot_oneshot_runs()
-    if runs:
-        scores = score_oneshot(model, runs)
-        summary["oneshot"] = scores.to_dict()
-        summary["oneshot_baseline_mhd"] = score_baseline(runs, "mhd").to_dict()
-        say(f"one-shot runs: {scores}")
+    set_progress_listener(progress)
+    # Task results (the ingestion and task-pool caches) live with the workspace they describe.
+    updates = {PREFECT_RESULTS_LOCAL_STORAGE_PATH: out / ".prefect-results"}
+    try:
+        with temporary_settings(updates=updates), _local_ray(workers):
+            summary = main_job(
+                str(out),
+                [str(s) for s in sources],
+                learner=learner,
+                minutes=minutes,
+                workers=workers,
+            )
+    finally:
+        set_progress_listener(None)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(out / "report.json", summary)
-    atomic_write_bytes(out / "report.md", _markdown(summary).encode())
-    say(f"report: {out / 'report.md'}\nchampion checkpoint: {model.path}")
+    atomic_write_json(out / "summary.json", summary)
+    for line in _where(summary):
+        say(line)
     return summary
 
 
-def _markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# anole run: {summary['learner']}", ""]
-    tr = summary["train"]
-    lines.append(f"- trained {tr['step']} meta-updates in {tr['seconds']:.0f} s "
-                 f"({tr['tasks_per_second']:.1f} tasks/s); checkpoint `{summary['checkpoint']}`")
-    lines.append(f"- split: {json.dumps(summary['split'])}")
-    for key in ("heldout_5way_1shot", "heldout_20way_1shot"):
-        a = summary[key]
-        lines.append(f"- {key}: {100 * a['mean']:.1f}% ± {100 * a['ci95']:.1f}% "
-                     f"({a['episodes']} episodes, BN {a.get('bn_mode')})")
-    if "oneshot" in summary:
-        runs = summary["oneshot"]["runs"]
-        lines.append(f"- one-shot runs error: {100 * summary['oneshot']['mean_error']:.1f}% "
-                     f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in runs.items())}); "
-                     f"modified Hausdorff baseline {100 * summary['oneshot_baseline_mhd']['mean_error']:.1f}%")
-    return "\n".join(lines) + "\n"
+def _where(summary: dict[str, Any]) -> list[str]:
+    first, second = summary["pipeline"], summary["retrain"]
+    lines = []
+    for label, part in (("first training", first), ("retrain", second)):
+        acc = part.get("accuracy", {}).get("candidate", {})
+        shown = ", ".join(
+            f"{k} {100 * v['mean']:.1f}%" for k, v in acc.items() if v and v.get("mean") is not None
+        )
+        lines.append(f"{label}: {part.get('status')} ({shown})")
+        if part.get("report"):
+            lines.append(f"  report: {part['report']}")
+            lines.append(f"  plots: {', '.join(part.get('figures', {}).values())}")
+        for reason in part.get("reasons", []):
+            lines.append(f"  - {reason}")
+    lines.append(f"champion: {summary['champion']} -> {summary['champion_checkpoint']}")
+    lines.append(f"champion registry: {summary['champions_registry']}")
+    lines.append(f"finished in {summary['seconds']:.0f} s")
+    return lines

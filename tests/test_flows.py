@@ -1,0 +1,290 @@
+"""Prefect flows on real components: a temporary Prefect server, a local Ray, the Omniglot zip.
+
+Sizes are tiny (hidden=8, a few steps, a few episodes) so the whole module takes about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.champions import decide
+from flows.workspace import PromotionPolicy
+
+TINY = {
+    "hidden": 8,
+    "meta_batch": 2,
+    "val_episodes": 5,
+    "val_every": 2,
+    "checkpoint_every": 1,
+    "keep_last": 2,
+    "image_size": 28,
+}
+POOLS = {"ways": 5, "episodes": 4}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect server and database; results and caches in a temporary PREFECT_HOME."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    updates = {PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}
+    with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def zip1(omniglot_zips) -> Path:
+    """images_background_small1.zip: Balinese, Early_Aramaic, Greek, Korean, Latin."""
+    return omniglot_zips[0]
+
+
+def _task_states(flow_run_id, timeout_s: float = 20.0) -> dict[str, list[str]]:
+    """{task run name: [state names]} of a flow run, once every task run is final."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if (runs and all(r.state and r.state.is_final() for r in runs)) or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.5)
+    states: dict[str, list[str]] = {}
+    for r in runs:
+        states.setdefault(r.name, []).append(r.state.name if r.state else "?")
+    return states
+
+
+def _events(resource_prefix: str, timeout_s: float = 20.0) -> list:
+    """anole.domain.arrived events whose resource id starts with `resource_prefix`."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    flt = EventFilter(
+        event=EventNameFilter(name=["anole.domain.arrived"]),
+        resource=EventResourceFilter(id_prefix=[resource_prefix]),
+    )
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(filter=flt, limit=50).events
+            if events or time.monotonic() > deadline:
+                return events
+            time.sleep(0.5)
+
+
+def _is_png(path: str | Path) -> bool:
+    return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_path):
+    """Ingest 4 alphabets, train on Ray, evaluate, promote; Latin arrives and is learned."""
+    from flows.flows import main_job, retrain_on_new_domains
+    from workers.driver import ray_session
+
+    root = tmp_path / "ws"
+    with ray_session(None, 2):
+        out = main_job(
+            str(root),
+            [str(zip1)],
+            holdout=["Latin"],
+            steps=3,
+            retrain_steps=2,
+            overrides=TINY,
+            pools=POOLS,
+            workers=1,
+        )
+
+    first, second = out["pipeline"], out["retrain"]
+    # The first training: 3 train alphabets, 1 val, 1 test; it becomes the first champion.
+    assert sorted(first["split"]["train"] + first["split"]["val"] + first["split"]["test"]) == [
+        "Balinese",
+        "Early_Aramaic",
+        "Greek",
+        "Korean",
+    ]
+    assert first["promoted"] and first["champion"] == "champion-001"
+    assert json.loads((Path(first["run_dir"]) / "result.json").read_text())["workers"] == 1
+    report = Path(first["report"]).read_text()
+    assert "## Accuracy by domain" in report and "## Promotion: promoted" in report
+    assert set(first["figures"]) == {"learning_curves", "domain_accuracy", "episode"}
+    assert all(_is_png(p) for p in first["figures"].values())
+    assert "oneshot" in first["accuracy"]["candidate"]  # Lake's runs are under ANOLE_DATA
+
+    # The arrival of Latin was announced as an event naming the domain...
+    (event,) = _events("anole.domain.Latin")
+    assert event.resource["prefect.resource.name"] == "Latin"
+    assert event.payload["version"] == 1 and len(event.payload["content_hash"]) == 64
+    assert any(r.role == "store" for r in event.related)
+
+    # ...and the retrain warm-started from the champion, trained on Latin, scored old and new.
+    assert second["new_domains"] == ["Latin"] and second["previous_champion"] == "champion-001"
+    run = json.loads((Path(second["checkpoint"]).parents[1] / "result.json").read_text())
+    assert run["init_checkpoint"].endswith("champions/champion-001/model.pt")
+    assert "Latin" in run["split"]["train"]
+    scores = json.loads((Path(second["report"]).parent / "scores.json").read_text())
+    assert scores["candidate"]["domains"]["Latin"]["new"] is True
+    assert set(scores["champion"]["domains"]) == set(scores["candidate"]["domains"])
+    assert second["status"] in ("promoted", "refused")
+    registry = json.loads((root / "champions.json").read_text())
+    assert len(registry["decisions"]) == 2
+    assert out["champion"] == ("champion-002" if second["promoted"] else "champion-001")
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {
+        "anole-domain-accuracy",
+        "anole-split-accuracy",
+        "anole-evaluation-report",
+        "anole-promotion",
+    } <= keys
+
+    # Nothing new since: the retrain does nothing, says so, and trains nothing.
+    runs_before = sorted(p.name for p in (root / "runs").iterdir())
+    again = retrain_on_new_domains(str(root), steps=2)
+    assert again["status"] == ("up-to-date" if second["promoted"] else "already-tried")
+    assert again["message"]
+    assert sorted(p.name for p in (root / "runs").iterdir()) == runs_before
+
+
+# --------------------------------------------------------------------------- caching, promotion
+
+
+def test_rerun_is_cached_and_forgetting_guard_refuses(prefect_api, zip1, tmp_path):
+    from flows.flows import anole_pipeline
+
+    root = str(tmp_path / "ws")
+    kw = dict(sources=[str(zip1)], steps=2, overrides=TINY, pools=POOLS, oneshot=False)
+    first = anole_pipeline(root, **kw)
+    assert first["promoted"] and first["champion"] == "champion-001"
+    result_json = Path(first["run_dir"]) / "result.json"
+    trained = json.loads(result_json.read_text())
+
+    state = anole_pipeline(root, **kw, return_state=True)
+    second = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    ingest = [s for name, ss in states.items() if name.startswith("ingest-") for s in ss]
+    pools = [s for name, ss in states.items() if name.startswith("build-task-pools") for s in ss]
+    assert ingest == ["Cached"] and pools == ["Cached"], states
+    # The finished training run is found again (not retrained); it is already the champion.
+    assert second["checkpoint"] == first["checkpoint"]
+    assert json.loads(result_json.read_text())["step"] == trained["step"]
+    assert second["already_champion"] and not second["promoted"]
+
+    # A warm-started candidate that beats the champion but "forgets" too much is refused.
+    third = anole_pipeline(
+        root, **kw, warm_start=True, policy={"min_improvement": -1.0, "forgetting_margin": -1.0}
+    )
+    assert not third["promoted"] and third["forgetting"]["refused"]
+    assert "forgetting margin" in third["reasons"][-1]
+    registry = json.loads((Path(root) / "champions.json").read_text())
+    assert registry["champion"] == "champion-001" and len(registry["history"]) == 1
+    assert [d["promoted"] for d in registry["decisions"]] == [True, False]
+    assert "## Promotion: not promoted" in Path(third["report"]).read_text()
+
+
+def test_meta_train_resumes_after_a_crash(prefect_api, zip1, tmp_path):
+    from prefect import flow
+
+    from flows.tasks import meta_train, set_progress_listener
+    from flows.workspace import Workspace
+    from pipeline.config import config_for
+    from pipeline.tasks import split_domains
+
+    ws = Workspace(tmp_path / "ws")
+    store = ws.store()
+    for name in ("Balinese", "Early_Aramaic", "Greek"):
+        store.ingest(zip1, domain=name)
+    split = split_domains([d.name for d in store.domains()], val=1, test=0).to_dict()
+    cfg = config_for(None, **{**TINY, "steps": 6, "val_every": 3}).to_dict()
+
+    @flow
+    def train_once() -> str:
+        return meta_train(str(ws.root), cfg, split, store.data_version())
+
+    def crash(done: int, total: int, metrics: dict) -> None:
+        if done == 4:  # after the checkpoint of step 3, before step 4's
+            raise RuntimeError("simulated crash")
+
+    set_progress_listener(crash)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_once()
+    finally:
+        set_progress_listener(None)
+    (run_dir,) = list(ws.runs_dir.iterdir())
+    assert not (run_dir / "result.json").exists()
+
+    checkpoint = train_once()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["resumed_from_step"] == 3 and result["step"] == 6
+    assert Path(checkpoint).parents[1] == run_dir
+    val_steps = [
+        r["step"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").open())
+        if "val_accuracy" in r
+    ]
+    assert val_steps == [0, 3, 6]  # nothing repeated, nothing lost
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def _scores(val: float, **domains: float) -> dict:
+    return {
+        "splits": {"val": {"mean": val, "ci95": 0.01}},
+        "domains": {d: {"mean": m, "ci95": 0.01, "split": "train"} for d, m in domains.items()},
+    }
+
+
+def test_promotion_rule():
+    policy = PromotionPolicy(min_improvement=0.0, forgetting_margin=0.02)
+    assert decide(_scores(0.5), None, [], policy).promoted  # no champion yet
+
+    champion = _scores(0.60, a=0.80, b=0.70)
+    better = decide(_scores(0.65, a=0.79, b=0.70), champion, ["a", "b"], policy)
+    assert better.promoted and better.forgetting["mean_drop"] == pytest.approx(0.005)
+
+    worse = decide(_scores(0.55, a=0.80, b=0.70), champion, ["a", "b"], policy)
+    assert not worse.promoted and "does not beat" in worse.reasons[0]
+
+    forgets = decide(_scores(0.70, a=0.70, b=0.66), champion, ["a", "b"], policy)
+    assert not forgets.promoted and forgets.forgetting["refused"]
+    assert forgets.forgetting["drops"] == pytest.approx({"a": 0.10, "b": 0.04})
+    assert "exceeds the 2.00 pp forgetting margin" in forgets.reasons[1]
+
+    lenient = PromotionPolicy(forgetting_margin=0.10)
+    assert decide(_scores(0.70, a=0.70, b=0.66), champion, ["a", "b"], lenient).promoted
+
+
+def test_ingest_validates_and_retrain_needs_a_champion(prefect_api, tmp_path):
+    from flows.flows import retrain_on_new_domains
+    from flows.tasks import ingest_domain
+    from pipeline.errors import IngestError
+
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest_domain(str(tmp_path / "missing.zip"), str(tmp_path / "ws"))
+    out = retrain_on_new_domains(str(tmp_path / "ws"))
+    assert out["status"] == "no-champion" and "run the pipeline first" in out["message"]
