@@ -31,3 +31,27 @@ def oneshot_runs() -> list[Path]:
     if not runs:
         pytest.skip("Omniglot one-shot runs not found; set ANOLE_DATA")
     return runs
+
+
+@pytest.fixture(scope="session")
+def omniglot_store(tmp_path_factory, omniglot_zips):
+    """A store holding both minimal splits (8 alphabets), shared read-only by the session."""
+    from pipeline.store import Store
+
+    store = Store(tmp_path_factory.mktemp("store"))
+    for z in omniglot_zips:
+        store.ingest(z)
+    return store
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """Config overrides that make a training run take seconds (tests only)."""
+    return list(TINY)
+
+
+TINY = [
+    "hidden=8", "meta_batch=4", "ways=5", "shots=1", "queries=2", "val_episodes=4",
+    "val_ways=5", "val_every=3", "checkpoint_every=3", "eval_inner_steps=1",
+]
+"""Overrides that make a training run take seconds (tests only)."""
