@@ -23,7 +23,7 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.checkpoint import CheckpointDir, load_checkpoint  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.config import TrainConfig, config_for  # noqa: E402
 from pipeline.errors import CheckpointError, ConfigError  # noqa: E402
 from workers.driver import DistributedTrainer, shard_specs, train_distributed  # noqa: E402
 from workers.protocol import UpdateHeader  # noqa: E402
@@ -37,13 +37,14 @@ ZIP = (
     / "omniglot/images_background_small1.zip"
 )
 
-# Small and numerically tame (one inner step): shard sums agree with the batched sum to ~1e-8.
+# Small and numerically tame (one inner step; hidden=16, where the grouped conv4 agrees across
+# task-batch sizes to ~1e-7): shard sums match the batched sum to float rounding.
 EXACT = dict(
-    hidden=8,
+    hidden=16,
     meta_batch=6,
     inner_steps=1,
-    steps=6,
-    val_every=3,
+    steps=4,
+    val_every=2,
     val_episodes=4,
     val_ways=5,
     checkpoint_every=2,
@@ -254,11 +255,7 @@ def test_sync_training_matches_the_single_process_trainer(
         manifest = json.loads(result.latest_checkpoint.with_suffix(".json").read_text())
         assert manifest["data_version"] == images.data_version and manifest["learner"] == learner
         assert manifest["distributed"]["workers"] == workers
-    assert CheckpointDir(tmp_path / "w3" / "checkpoints").steps() == [
-        3,
-        4,
-        6,
-    ]  # every 2nd and every validated step; keep_last = 3
+    assert CheckpointDir(tmp_path / "w3" / "checkpoints").steps() == [2, 4]
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +356,7 @@ def test_corrupt_checkpoint_falls_back_and_says_so(images, clean_fault_run, tmp_
 
 
 def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_path):
-    cfg = FAULT.replace(steps=5)
+    cfg = FAULT.replace(steps=4)
     strict = train_distributed(
         cfg,
         images,
@@ -369,48 +366,26 @@ def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_p
         options=RayOptions(mode="async", staleness=0, worker_cpus=1),
     )
     c = strict.counters
-    assert strict.step == 5 and c["applied"] == 5 and c["duplicates"] == 0
+    assert strict.step == 4 and c["applied"] == 4 and c["duplicates"] == 0
     assert c["dropped_stale"] >= 1  # two workers in flight: the slower one is always one behind
     assert strict.to_dict()["mode"] == "async"
 
 
 @pytest.mark.slow
 def test_killed_driver_resumes_with_the_same_config_data_and_rng(
-    store_root, images, local_ray, trainer_runs, tmp_path
+    store_root, images, local_ray, tmp_path
 ):
-    sets = {**EXACT, "steps": 40, "checkpoint_every": 5, "val_every": 20}
-    cfg = TrainConfig(learner="reptile", **sets)
+    sets = {**EXACT, "checkpoint_every": 4, "val_every": 10, "eval_inner_steps": 5}
+    del sets["steps"]
+    overrides = [f"{key}={value}" for key, value in sets.items()]
+    # What the CLI builds: reptile's tuned defaults, then the overrides.
+    cfg = config_for("reptile", None, overrides, steps=20)
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "train",
-        "--learner",
-        "reptile",
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-        "--store",
-        str(store_root),
-        "--ray-address",
-        ray.get_runtime_context().gcs_address,
-        "--json",
-    ]
-    for key in (
-        "hidden",
-        "meta_batch",
-        "inner_steps",
-        "val_episodes",
-        "val_ways",
-        "checkpoint_every",
-        "val_every",
-        "seed",
-        "num_threads",
-    ):
-        cmd += ["--set", f"{key}={sets[key]}"]
-    cmd += ["--steps", "40"]
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--learner", "reptile", "--steps", "20"]
+    cmd += ["--workers", "2", "--out", str(out), "--store", str(store_root), "--json"]
+    cmd += ["--ray-address", ray.get_runtime_context().gcs_address]
+    for item in overrides:
+        cmd += ["--set", item]
     env = {**os.environ, "ANOLE_MIN_TASKS_PER_CALL": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -421,15 +396,18 @@ def test_killed_driver_resumes_with_the_same_config_data_and_rng(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     steps = CheckpointDir(out / "checkpoints").steps()
-    assert steps and steps[-1] < 40, "the driver finished before it could be killed"
+    assert steps and steps[-1] < 20, "the driver finished before it could be killed"
 
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert result["step"] == 40 and result["resumed_from"].endswith(f"step-{steps[-1]:08d}.pt")
+    assert result["step"] == 20 and result["resumed_from"].endswith(f"step-{steps[-1]:08d}.pt")
     manifest = json.loads(Path(result["latest_checkpoint"]).with_suffix(".json").read_text())
     assert manifest["config"] == cfg.to_dict() and manifest["data_version"] == images.data_version
-    expected, _ = trainer_runs(cfg)
-    np.testing.assert_allclose(
-        flat_params(Path(result["latest_checkpoint"])), expected, rtol=0, atol=2e-6
+    # Same parameters as the same run never interrupted (same shards: bit for bit).
+    clean = train_distributed(
+        cfg, images, tmp_path / "clean", workers=2, log_tensorboard=False, options=ONE_CPU
+    )
+    np.testing.assert_array_equal(
+        flat_params(Path(result["latest_checkpoint"])), clean.final_params
     )
