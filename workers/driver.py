@@ -34,7 +34,7 @@ from pipeline.checkpoint import Checkpoint, CheckpointDir
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.images import ImageSet
-from pipeline.tasks import EpisodeSpecs
+from pipeline.tasks import DomainSplit, EpisodeSpecs
 from pipeline.train import ProgressFn, TrainingData, TrainResult, check_compatible
 
 from .protocol import Ack, ServerStatus, Snapshot, WorkerInfo
@@ -154,6 +154,7 @@ class DistributedTrainer:
         options: RayOptions | None = None,
         progress: ProgressFn | None = None,
         log_tensorboard: bool = True,
+        split: DomainSplit | None = None,
     ):
         self.config = config
         self.images = images
@@ -163,7 +164,7 @@ class DistributedTrainer:
         self.options = options or RayOptions.from_env()
         self.progress = progress
         self.log_tensorboard = log_tensorboard
-        self.data = TrainingData.build(images, config)
+        self.data = TrainingData.build(images, config, split)
         self.server = None
         self.workers: list[Any] = []
         self.plan: ResourcePlan | None = None
@@ -643,13 +644,15 @@ def train_distributed(
     progress: ProgressFn | None = None,
     options: RayOptions | None = None,
     log_tensorboard: bool = True,
+    split: DomainSplit | None = None,
 ) -> DistributedResult:
     """Meta-train on Ray with `workers` adaptation workers and one parameter server.
 
     Joins `address` (or $RAY_ADDRESS) when given, otherwise starts a local Ray. `progress(done,
     total, metrics)` is called after every meta-step. With `resume`, continues from the latest good
     checkpoint in `out_dir` (corrupt ones are skipped with a warning). `options` (default: from
-    ANOLE_* environment variables) picks sync/async, staleness and per-worker resources.
+    ANOLE_* environment variables) picks sync/async, staleness and per-worker resources. `split`
+    fixes the train/val/test domains (default: split from the config, as the Trainer does).
     """
     trainer = DistributedTrainer(
         config,
@@ -660,6 +663,7 @@ def train_distributed(
         options=options,
         progress=progress,
         log_tensorboard=log_tensorboard,
+        split=split,
     )
     return trainer.run(resume=resume)
 
