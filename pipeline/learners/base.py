@@ -1,0 +1,299 @@
+"""The learner contract, and the pieces the learners share.
+
+Every learner is a pure function of a parameter dict (it holds no weights):
+
+    meta_gradient(params, episodes) -> (grads, metrics)
+        grads: the meta-gradient contribution SUMMED over the T tasks in `episodes` (so shards
+        from several workers add up); the caller divides by the total number of tasks and steps
+        its meta-optimizer. metrics: sums over tasks too, with "tasks" = T (see `METRICS`).
+    adapt_and_predict(params, episodes, *, steps=None, bn_mode="transductive") -> logits
+        query logits [T, ways*queries, ways] after adapting to each task's support set.
+
+Batched paths run all T tasks in one call: parameters get a leading task dimension
+([T, ...], `expand_params`), the network is a `TaskNet` (pipeline.models), and per-task
+gradients are `torch.func.grad` of the loss SUMMED over tasks (tasks do not interact, so the
+gradient with respect to task t's slice is task t's own gradient). Each learner also has a
+`reference_*` per-task loop (plain autograd on `functional_call`, learn2learn style) that
+computes the same numbers; tests and benchmarks compare the two.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from pipeline.episodes import Episodes
+from pipeline.models import Norm, TaskNet, expand_params, params_of, task_net
+
+Params = dict[str, Tensor]
+BNMode = Literal["transductive", "per_image", "support"]
+"""How BatchNorm normalises query images at evaluation (training is always transductive):
+"transductive": statistics of the whole query set of the task;
+"per_image": each query image normalised alone (statistics over its spatial positions);
+"support": statistics of the task's support set, reused for every query image, so a query
+prediction does not depend on the other query images."""
+BN_MODES: tuple[BNMode, ...] = ("transductive", "per_image", "support")
+
+METRICS = ("tasks", "loss", "accuracy", "loss_before", "accuracy_before")
+"""Keys of the metrics dict, each a SUM over tasks: "tasks" (T); "loss" and "accuracy": mean
+query cross-entropy / accuracy of each task after adaptation; "loss_before" and
+"accuracy_before": the same with the meta-parameters before adaptation (equal to "loss" and
+"accuracy" for learners without an inner loop). Divide by "tasks" for means."""
+
+C = TypeVar("C")
+
+
+class Learner(ABC):
+    """Base of all learners: holds the model skeleton, its `TaskNet` and a frozen config."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: C,
+        *,
+        backend: Literal["grouped", "vmap"] = "grouped",
+        max_tasks_per_call: int | None = None,
+    ) -> None:
+        """`backend`: how tasks are batched (`pipeline.models.task_net`). `max_tasks_per_call`
+        bounds memory: larger meta-batches run in chunks of that many tasks (results summed)."""
+        self.model = model
+        self.config = config
+        self.net: TaskNet = task_net(model, backend)
+        self.max_tasks_per_call = max_tasks_per_call
+
+    def init_params(self) -> Params:
+        """The model's current (initial) parameters, as a fresh dict."""
+        return params_of(self.model)
+
+    def meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        """Meta-gradient summed over the tasks of `episodes`, and summed metrics (`METRICS`)."""
+        params = {k: v.detach() for k, v in params.items()}
+        total: Params | None = None
+        metrics = dict.fromkeys(METRICS, 0.0)
+        for chunk in _chunks(episodes, self.max_tasks_per_call):
+            grads, m = self._meta_gradient(params, chunk)
+            total = grads if total is None else {k: total[k] + grads[k] for k in total}
+            for k in METRICS:
+                metrics[k] += m[k]
+        assert total is not None
+        return total, metrics
+
+    def adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        """Query logits [T, ways*queries, ways] after adapting to each support set.
+
+        `steps`: inner steps (default: the config's eval_inner_steps). No autograd graph is kept.
+        """
+        check_bn_mode(bn_mode)
+        params = {k: v.detach() for k, v in params.items()}
+        outs = [
+            self._adapt_and_predict(params, chunk, steps, bn_mode)
+            for chunk in _chunks(episodes, self.max_tasks_per_call)
+        ]
+        return torch.cat(outs).detach()
+
+    @abstractmethod
+    def _meta_gradient(
+        self, params: Params, episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]: ...
+
+    @abstractmethod
+    def _adapt_and_predict(
+        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
+    ) -> Tensor: ...
+
+    @abstractmethod
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        """`meta_gradient` computed by a plain per-task loop (the naive reference)."""
+
+    @abstractmethod
+    def reference_adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        """`adapt_and_predict` computed by a plain per-task loop (the naive reference)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched helpers: parameters [T, ...], images [T, N, C, H, W], labels [T, N]
+
+
+def loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum over tasks of each task's mean cross-entropy. logits [T, N, ways], labels [T, N]."""
+    return (
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.shape[1]
+    )
+
+
+def task_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Each task's mean cross-entropy, [T]."""
+    per = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return per.view(labels.shape).mean(1)
+
+
+def accuracy_sum(logits: Tensor, labels: Tensor) -> float:
+    """Sum over tasks of each task's query accuracy."""
+    return (logits.argmax(-1) == labels).double().mean(1).sum().item()
+
+
+def metrics_dict(
+    tasks: int, logits: Tensor, labels: Tensor, logits_before: Tensor | None = None
+) -> dict[str, float]:
+    """The `METRICS` sums from query logits after (and before) adaptation."""
+    with torch.no_grad():
+        before = logits if logits_before is None else logits_before
+        return {
+            "tasks": float(tasks),
+            "loss": loss_sum(logits, labels).item(),
+            "accuracy": accuracy_sum(logits, labels),
+            "loss_before": loss_sum(before, labels).item(),
+            "accuracy_before": accuracy_sum(before, labels),
+        }
+
+
+def sgd_adapt(
+    net: TaskNet,
+    theta: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float,
+    steps: int,
+    second_order: bool = False,
+) -> Params:
+    """`steps` SGD steps of each task's parameters on its own (x, y), all tasks at once.
+
+    With `second_order=True`, call inside a `torch.func.grad` transform over the
+    meta-parameters: each step's gradient stays differentiable (full MAML). Otherwise the
+    inner gradients are treated as constants (first-order).
+    """
+    theta = dict(theta)
+    for _ in range(steps):
+        grads = torch.func.grad(lambda th: loss_sum(net(th, x), y))(theta)
+        if not second_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        theta = {k: theta[k] - lr * grads[k] for k in theta}
+    return theta
+
+
+def predict(
+    net: TaskNet, theta: Mapping[str, Tensor], episodes: Episodes, bn_mode: BNMode
+) -> Tensor:
+    """Query logits [T, ways*queries, ways] with per-task parameters `theta` under `bn_mode`."""
+    norm: Norm
+    if bn_mode == "transductive":
+        norm = "batch"
+    elif bn_mode == "per_image":
+        norm = "image"
+    else:
+        norm = net.bn_stats(theta, episodes.support_x)
+    return net(theta, episodes.query_x, norm=norm)
+
+
+def shared(params: Mapping[str, Tensor], tasks: int) -> Params:
+    """Meta-parameters as the starting parameters of `tasks` tasks (views, no copy)."""
+    return expand_params(params, tasks)
+
+
+def check_bn_mode(bn_mode: str) -> None:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+
+
+def _chunks(episodes: Episodes, size: int | None) -> list[Episodes]:
+    t = episodes.num_tasks
+    if size is None or size >= t:
+        return [episodes]
+    return [episodes[i : i + size] for i in range(0, t, size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-task reference helpers (one task: images [N, C, H, W], labels [N]; plain autograd)
+
+
+def reference_forward(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, **kwargs: object
+) -> Tensor:
+    """`model` evaluated with `params` (a plain `functional_call`)."""
+    return functional_call(model, dict(params), (x,), kwargs)
+
+
+def reference_sgd(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float,
+    steps: int,
+    create_graph: bool,
+) -> Params:
+    """`steps` SGD steps on one task, as learn2learn's `adapt` does (autograd.grad per step)."""
+    p = dict(params)
+    for _ in range(steps):
+        loss = F.cross_entropy(reference_forward(model, p, x), y)
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=create_graph)
+        p = {k: v - lr * g for (k, v), g in zip(p.items(), grads, strict=True)}
+    return p
+
+
+def reference_predict(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    support_x: Tensor,
+    query_x: Tensor,
+    bn_mode: BNMode,
+) -> Tensor:
+    """One task's query logits under `bn_mode`, written the obvious way."""
+    if bn_mode == "transductive":
+        return reference_forward(model, params, query_x)
+    if bn_mode == "per_image":
+        return torch.cat(
+            [reference_forward(model, params, query_x[i : i + 1]) for i in range(len(query_x))]
+        )
+    stats = reference_forward(model, params, support_x, return_bn_stats=True)[1]
+    return reference_forward(model, params, query_x, bn_stats=stats)
+
+
+def reference_metrics(
+    logits: list[Tensor], labels: Tensor, logits_before: list[Tensor] | None = None
+) -> dict[str, float]:
+    """`metrics_dict` from per-task lists of logits."""
+    before = None if logits_before is None else torch.stack(logits_before)
+    return metrics_dict(len(logits), torch.stack(logits), labels, before)
+
+
+def add_into(total: Params, grads: Mapping[str, Tensor] | list[Tensor]) -> None:
+    """total[k] += grads[k] (grads as a dict, or a list in total's key order)."""
+    values = grads.values() if isinstance(grads, Mapping) else grads
+    for k, g in zip(total, values, strict=True):
+        total[k] += g
+
+
+def zeros_like(params: Mapping[str, Tensor]) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}
+
+
+ModelFactory = Callable[[], nn.Module]

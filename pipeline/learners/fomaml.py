@@ -1,0 +1,79 @@
+"""First-order MAML (Finn et al. 2017, section 5.2): MAML without the second-order terms.
+
+The fast weights theta_t come from `inner_steps` SGD steps on the support set with no graph
+kept; the meta-gradient contribution of a task is the gradient of its query loss AT theta_t,
+applied to phi. Uses `MAMLConfig` (its `first_order` field is irrelevant here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from pipeline.episodes import Episodes
+from pipeline.learners.base import (
+    Params,
+    add_into,
+    loss_sum,
+    metrics_dict,
+    reference_forward,
+    reference_metrics,
+    reference_sgd,
+    sgd_adapt,
+    shared,
+    zeros_like,
+)
+from pipeline.learners.maml import MAML, MAMLConfig
+
+
+class FOMAML(MAML):
+    """First-order MAML. Config: `MAMLConfig`. Evaluation is MAML's."""
+
+    name = "fomaml"
+    config: MAMLConfig
+
+    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
+        cfg, net, ep = self.config, self.net, episodes
+        theta0 = shared(params, ep.num_tasks)
+        theta = sgd_adapt(
+            net, theta0, ep.support_x, ep.support_y, lr=cfg.inner_lr, steps=cfg.inner_steps
+        )
+
+        def query_loss(th: Params) -> tuple[Tensor, Tensor]:
+            logits = net(th, ep.query_x)
+            return loss_sum(logits, ep.query_y), logits
+
+        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(theta)
+        with torch.no_grad():
+            before = net(theta0, ep.query_x)
+        return {k: g.sum(0) for k, g in grads.items()}, metrics_dict(
+            ep.num_tasks, logits, ep.query_y, before
+        )
+
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        cfg, ep = self.config, episodes
+        total = zeros_like(params)
+        logits, before = [], []
+        for t in range(ep.num_tasks):
+            p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+            p = reference_sgd(
+                self.model,
+                p,
+                ep.support_x[t],
+                ep.support_y[t],
+                lr=cfg.inner_lr,
+                steps=cfg.inner_steps,
+                create_graph=False,
+            )
+            p = {k: v.detach().requires_grad_() for k, v in p.items()}
+            out = reference_forward(self.model, p, ep.query_x[t])
+            loss = torch.nn.functional.cross_entropy(out, ep.query_y[t])
+            add_into(total, torch.autograd.grad(loss, list(p.values())))
+            logits.append(out.detach())
+            with torch.no_grad():
+                before.append(reference_forward(self.model, params, ep.query_x[t]))
+        return total, reference_metrics(logits, ep.query_y, before)

@@ -1,0 +1,148 @@
+"""MAML (Finn et al. 2017): the meta-gradient flows through the inner SGD steps.
+
+For each task, the fast weights are theta_t = phi - a * grad L_support(phi) (repeated
+`inner_steps` times); the meta-objective is the query loss at theta_t, and its gradient with
+respect to phi includes the second-order terms (Hessian-vector products of the support loss).
+All tasks adapt in one call: `torch.func.grad` of the summed query loss, taken over the
+meta-parameters, with the inner gradients computed by a nested `torch.func.grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pipeline.episodes import Episodes
+from pipeline.learners.base import (
+    BNMode,
+    Learner,
+    Params,
+    add_into,
+    loss_sum,
+    metrics_dict,
+    predict,
+    reference_forward,
+    reference_metrics,
+    reference_predict,
+    reference_sgd,
+    sgd_adapt,
+    shared,
+    zeros_like,
+)
+
+
+@dataclass(frozen=True)
+class MAMLConfig:
+    """Inner loop of MAML and first-order MAML (defaults: Finn et al.'s 5-way Omniglot)."""
+
+    inner_lr: float = 0.4
+    """Fast (inner-loop) SGD learning rate, alpha."""
+    inner_steps: int = 1
+    """SGD steps on the support set during meta-training."""
+    eval_inner_steps: int = 3
+    """SGD steps on the support set in `adapt_and_predict` (unless `steps` is given)."""
+    first_order: bool = False
+    """MAML only: drop the second-order terms (treat inner gradients as constants). The
+    result equals FOMAML's; the "fomaml" learner computes it faster (no graph through the inner
+    loop)."""
+
+
+class MAML(Learner):
+    """Second-order MAML. Config: `MAMLConfig`."""
+
+    name = "maml"
+    config: MAMLConfig
+
+    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
+        cfg, net, ep = self.config, self.net, episodes
+
+        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
+            theta = sgd_adapt(
+                net,
+                shared(phi, ep.num_tasks),
+                ep.support_x,
+                ep.support_y,
+                lr=cfg.inner_lr,
+                steps=cfg.inner_steps,
+                second_order=not cfg.first_order,
+            )
+            logits = net(theta, ep.query_x)
+            return loss_sum(logits, ep.query_y), logits
+
+        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(params)
+        with torch.no_grad():
+            before = net(shared(params, ep.num_tasks), ep.query_x)
+        return grads, metrics_dict(ep.num_tasks, logits, ep.query_y, before)
+
+    def _adapt_and_predict(
+        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
+    ) -> Tensor:
+        steps = self.config.eval_inner_steps if steps is None else steps
+        theta = sgd_adapt(
+            self.net,
+            shared(params, episodes.num_tasks),
+            episodes.support_x,
+            episodes.support_y,
+            lr=self.config.inner_lr,
+            steps=steps,
+        )
+        with torch.no_grad():
+            return predict(self.net, theta, episodes, bn_mode)
+
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        cfg, ep = self.config, episodes
+        phi = {k: v.detach().requires_grad_() for k, v in params.items()}
+        total = zeros_like(phi)
+        logits, before = [], []
+        for t in range(ep.num_tasks):
+            p = {k: v.clone() for k, v in phi.items()}  # learn2learn's clone()
+            p = reference_sgd(
+                self.model,
+                p,
+                ep.support_x[t],
+                ep.support_y[t],
+                lr=cfg.inner_lr,
+                steps=cfg.inner_steps,
+                create_graph=not cfg.first_order,
+            )
+            out = reference_forward(self.model, p, ep.query_x[t])
+            loss = torch.nn.functional.cross_entropy(out, ep.query_y[t])
+            add_into(total, torch.autograd.grad(loss, list(phi.values())))
+            logits.append(out.detach())
+            with torch.no_grad():
+                before.append(reference_forward(self.model, phi, ep.query_x[t]))
+        return total, reference_metrics(logits, ep.query_y, before)
+
+    def reference_adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        steps = self.config.eval_inner_steps if steps is None else steps
+        out = []
+        for t in range(episodes.num_tasks):
+            p = {k: v.detach().requires_grad_() for k, v in params.items()}
+            p = reference_sgd(
+                self.model,
+                p,
+                episodes.support_x[t],
+                episodes.support_y[t],
+                lr=self.config.inner_lr,
+                steps=steps,
+                create_graph=False,
+            )
+            with torch.no_grad():
+                out.append(
+                    reference_predict(
+                        self.model, p, episodes.support_x[t], episodes.query_x[t], bn_mode
+                    )
+                )
+        return torch.stack(out)

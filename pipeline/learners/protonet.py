@@ -1,0 +1,119 @@
+"""Prototypical Networks (Snell, Swersky & Zemel 2017).
+
+The network is an embedding (conv4 without head). A class prototype is the mean embedding of
+its support images; a query's logits are minus its squared Euclidean distances to the
+prototypes (divided by `temperature`). There is no inner loop: the meta-gradient is the
+gradient of the query cross-entropy summed over tasks, and `adapt_and_predict` just classifies.
+
+Support and query images are embedded as two batches (BatchNorm statistics of the support set
+for the support images; the query images under `bn_mode`, transductive during training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.episodes import Episodes
+from pipeline.learners.base import (
+    BNMode,
+    Learner,
+    Params,
+    add_into,
+    loss_sum,
+    metrics_dict,
+    predict,
+    reference_forward,
+    reference_metrics,
+    reference_predict,
+    shared,
+    zeros_like,
+)
+
+
+@dataclass(frozen=True)
+class ProtoNetConfig:
+    """Prototypical Networks' only knob."""
+
+    temperature: float = 1.0
+    """Logits are -squared_distance / temperature (1.0: the paper's)."""
+
+
+def proto_logits(
+    support: Tensor, support_y: Tensor, query: Tensor, ways: int, temperature: float
+) -> Tensor:
+    """Logits [..., Q, ways] from embeddings support [..., S, D] (labels [..., S]), query [..., Q, D]."""
+    one_hot = F.one_hot(support_y, ways).to(support.dtype)  # [..., S, ways]
+    prototypes = (one_hot.transpose(-1, -2) @ support) / one_hot.sum(-2).unsqueeze(
+        -1
+    )  # [..., ways, D]
+    sq = (query * query).sum(-1, keepdim=True) - 2 * query @ prototypes.transpose(-1, -2)
+    sq = sq + (prototypes * prototypes).sum(-1).unsqueeze(-2)
+    return -sq / temperature
+
+
+class ProtoNet(Learner):
+    """Prototypical Networks. Config: `ProtoNetConfig`. The model must have no head."""
+
+    name = "protonet"
+    config: ProtoNetConfig
+
+    def _logits(self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode) -> Tensor:
+        theta = shared(params, ep.num_tasks)
+        support = self.net(theta, ep.support_x)
+        query = predict(self.net, theta, ep, bn_mode)
+        return proto_logits(support, ep.support_y, query, ep.ways, self.config.temperature)
+
+    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
+        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
+            logits = self._logits(phi, episodes, "transductive")
+            return loss_sum(logits, episodes.query_y), logits
+
+        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(params)
+        return grads, metrics_dict(episodes.num_tasks, logits, episodes.query_y)
+
+    def _adapt_and_predict(
+        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
+    ) -> Tensor:
+        with torch.no_grad():
+            return self._logits(params, episodes, bn_mode)
+
+    def _reference_logits(
+        self, params: Mapping[str, Tensor], ep: Episodes, t: int, bn_mode: BNMode
+    ) -> Tensor:
+        support = reference_forward(self.model, params, ep.support_x[t])
+        query = reference_predict(self.model, params, ep.support_x[t], ep.query_x[t], bn_mode)
+        return proto_logits(support, ep.support_y[t], query, ep.ways, self.config.temperature)
+
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        phi = {k: v.detach().requires_grad_() for k, v in params.items()}
+        total = zeros_like(phi)
+        logits = []
+        for t in range(episodes.num_tasks):
+            out = self._reference_logits(phi, episodes, t, "transductive")
+            loss = F.cross_entropy(out, episodes.query_y[t])
+            add_into(total, torch.autograd.grad(loss, list(phi.values())))
+            logits.append(out.detach())
+        return total, reference_metrics(logits, episodes.query_y)
+
+    def reference_adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    self._reference_logits(params, episodes, t, bn_mode)
+                    for t in range(episodes.num_tasks)
+                ]
+            )

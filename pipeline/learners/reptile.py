@@ -1,0 +1,195 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
+
+Each task trains its own copy of the weights for `inner_steps` steps of SGD or Adam (full-batch
+steps), starting from phi. A task's meta-gradient contribution is phi - theta_t, so an SGD
+meta-optimizer with step size epsilon on the MEAN contribution performs Reptile's update
+phi <- phi + epsilon * mean_t(theta_t - phi). `reptile_meta_step_size` gives the linearly
+annealed epsilon of the paper.
+
+Inner-loop data: by default each task trains on its support AND query images together
+(`train_on_query=True`): like supervised-reptile, which trains on every sampled example of the
+task, Reptile has no held-out loss, so sampling ways*(shots+queries) images and keeping some
+back would waste them. At evaluation (`adapt_and_predict`) only the support set is used.
+
+Inner Adam is functional and batched: per-task first/second moments [T, ...] advance with the
+parameters; a fresh state per task and per call, as supervised-reptile resets its inner Adam
+for every task. Its default beta1 = 0 follows supervised-reptile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.episodes import Episodes
+from pipeline.learners.base import (
+    BNMode,
+    Learner,
+    Params,
+    loss_sum,
+    metrics_dict,
+    predict,
+    reference_forward,
+    reference_metrics,
+    reference_predict,
+    shared,
+    zeros_like,
+)
+from pipeline.models import TaskNet
+
+
+@dataclass(frozen=True)
+class ReptileConfig:
+    """Inner loop of Reptile (defaults: supervised-reptile's Omniglot settings)."""
+
+    inner_lr: float = 1e-3
+    """Fast (inner-loop) learning rate of the inner optimizer."""
+    inner_steps: int = 5
+    """Inner optimizer steps per task during meta-training."""
+    eval_inner_steps: int = 50
+    """Inner optimizer steps on the support set in `adapt_and_predict` (unless `steps` given)."""
+    inner_optimizer: Literal["sgd", "adam"] = "adam"
+    """"sgd" or "adam" (functional, one state per task, reset for every task)."""
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    """Inner Adam's (beta1, beta2); supervised-reptile uses beta1 = 0."""
+    adam_eps: float = 1e-8
+    """Inner Adam's epsilon (added to sqrt of the bias-corrected second moment)."""
+    train_on_query: bool = True
+    """Meta-training inner loop uses support AND query images (True) or the support set only."""
+
+
+def reptile_meta_step_size(
+    step: int, total_steps: int, start: float = 1.0, end: float = 0.0
+) -> float:
+    """Reptile's outer step size epsilon at meta-iteration `step` of `total_steps`.
+
+    Linear annealing from `start` (step 0) to `end` (step total_steps), as in the paper
+    (supervised-reptile: start = 1.0, end = 0).
+    """
+    frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return (1.0 - frac) * start + frac * end
+
+
+def inner_train(
+    net: TaskNet, theta: Mapping[str, Tensor], x: Tensor, y: Tensor, cfg: ReptileConfig, steps: int
+) -> Params:
+    """`steps` full-batch SGD/Adam steps for every task at once; no autograd graph is kept."""
+    theta = {k: v.detach() for k, v in theta.items()}
+    m = {k: torch.zeros_like(v) for k, v in theta.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
+    beta1, beta2 = cfg.adam_betas
+    for i in range(1, steps + 1):
+        grads = torch.func.grad(lambda th: loss_sum(net(th, x), y))(theta)
+        if cfg.inner_optimizer == "sgd":
+            theta = {k: theta[k] - cfg.inner_lr * grads[k] for k in theta}
+            continue
+        step = {}
+        for k, g in grads.items():
+            m[k] = beta1 * m[k] + (1 - beta1) * g
+            v2[k] = beta2 * v2[k] + (1 - beta2) * g * g
+            denom = v2[k].sqrt() / math.sqrt(1 - beta2**i) + cfg.adam_eps
+            step[k] = cfg.inner_lr / (1 - beta1**i) * m[k] / denom
+        theta = {k: theta[k] - step[k] for k in theta}
+    return theta
+
+
+class Reptile(Learner):
+    """Reptile. Config: `ReptileConfig`."""
+
+    name = "reptile"
+    config: ReptileConfig
+
+    def _inner_data(self, ep: Episodes) -> tuple[Tensor, Tensor]:
+        if self.config.train_on_query:
+            return torch.cat([ep.support_x, ep.query_x], 1), torch.cat(
+                [ep.support_y, ep.query_y], 1
+            )
+        return ep.support_x, ep.support_y
+
+    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
+        cfg, net, ep = self.config, self.net, episodes
+        x, y = self._inner_data(ep)
+        theta = inner_train(net, shared(params, ep.num_tasks), x, y, cfg, cfg.inner_steps)
+        grads = {k: ep.num_tasks * params[k] - theta[k].sum(0) for k in params}
+        with torch.no_grad():
+            before = net(shared(params, ep.num_tasks), ep.query_x)
+            after = net(theta, ep.query_x)
+        return grads, metrics_dict(ep.num_tasks, after, ep.query_y, before)
+
+    def _adapt_and_predict(
+        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
+    ) -> Tensor:
+        steps = self.config.eval_inner_steps if steps is None else steps
+        ep = episodes
+        theta = inner_train(
+            self.net, shared(params, ep.num_tasks), ep.support_x, ep.support_y, self.config, steps
+        )
+        with torch.no_grad():
+            return predict(self.net, theta, ep, bn_mode)
+
+    def _reference_train(
+        self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int
+    ) -> Params:
+        """One task, hand-written SGD / Adam (same formulas as torch.optim's)."""
+        cfg = self.config
+        p = {k: v.detach().clone() for k, v in params.items()}
+        m, v2 = zeros_like(p), zeros_like(p)
+        beta1, beta2 = cfg.adam_betas
+        for i in range(1, steps + 1):
+            leaf = {k: t.requires_grad_() for k, t in p.items()}
+            loss = F.cross_entropy(reference_forward(self.model, leaf, x), y)
+            grads = torch.autograd.grad(loss, list(leaf.values()))
+            with torch.no_grad():
+                for (k, t), g in zip(leaf.items(), grads, strict=True):
+                    if cfg.inner_optimizer == "sgd":
+                        p[k] = t - cfg.inner_lr * g
+                        continue
+                    m[k] = beta1 * m[k] + (1 - beta1) * g
+                    v2[k] = beta2 * v2[k] + (1 - beta2) * g * g
+                    denom = v2[k].sqrt() / math.sqrt(1 - beta2**i) + cfg.adam_eps
+                    p[k] = t - cfg.inner_lr / (1 - beta1**i) * m[k] / denom
+        return p
+
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        ep = episodes
+        x_all, y_all = self._inner_data(ep)
+        total = zeros_like(params)
+        after, before = [], []
+        for t in range(ep.num_tasks):
+            theta = self._reference_train(params, x_all[t], y_all[t], self.config.inner_steps)
+            for k in total:
+                total[k] += params[k].detach() - theta[k]
+            with torch.no_grad():
+                after.append(reference_forward(self.model, theta, ep.query_x[t]))
+                before.append(reference_forward(self.model, params, ep.query_x[t]))
+        return total, reference_metrics(after, ep.query_y, before)
+
+    def reference_adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        steps = self.config.eval_inner_steps if steps is None else steps
+        out = []
+        for t in range(episodes.num_tasks):
+            theta = self._reference_train(
+                params, episodes.support_x[t], episodes.support_y[t], steps
+            )
+            with torch.no_grad():
+                out.append(
+                    reference_predict(
+                        self.model, theta, episodes.support_x[t], episodes.query_x[t], bn_mode
+                    )
+                )
+        return torch.stack(out)

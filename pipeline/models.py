@@ -1,0 +1,400 @@
+"""Networks for few-shot learners, and a task-batched way to run them.
+
+* `Conv4` (`conv4(...)`) is an ordinary `nn.Module`: Finn et al. 2017's backbone, 4 x [3x3 conv,
+  BatchNorm, ReLU, 2x2 max-pool], flatten, optional linear head. With
+  `torch.func.functional_call` it runs one task at a time: the per-task reference path.
+* A `TaskNet` runs a network for T tasks at once, each task with its OWN parameters (every
+  parameter carries a leading task dimension [T, ...]). Two implementations compute the same
+  function:
+  - `GroupedConv4` (the fast path): the tasks become the groups of grouped convolutions and the
+    channels of one normalisation, so a meta-batch costs one kernel per layer instead of T.
+  - `VmapNet`: `torch.func.vmap` over `functional_call(model, ...)`, for any module whose
+    `forward(x, bn_stats=None)` and `batch_norm_stats(x)` behave like `Conv4`'s.
+
+BatchNorm never keeps running statistics. It normalises with the statistics of the images it is
+given: over the task's batch (`norm="batch"`), over each image alone (`norm="image"`), or with
+statistics passed in (`norm=<BNStats>`, e.g. those of the support set). Its affine parameters
+are learnable. Convolutions have no bias (BatchNorm would cancel it).
+
+Parameters travel as `dict[str, Tensor]` keyed like `Conv4.named_parameters()`;
+`flatten_params` / `unflatten_params` turn such a dict into one flat vector and back (the
+parameter server ships weights as one array).
+
+How `GroupedConv4` is fast on CPU (each point measured; see benchmarks/README.md):
+activations live as [N, T*C, H, W] in channels_last memory (pooling and per-channel
+statistics vectorise over T*C); ReLU(BN(.)) is monotone per channel when the BN scale is
+positive, so max-pooling runs BEFORE the affine map and ReLU, which then touch a quarter of the
+data; the convolution and the BN statistics are custom autograd functions whose backward passes
+are themselves differentiable, so second-order MAML never falls into PyTorch's grouped-conv
+double-backward (which loops over groups) or the generic BatchNorm double-backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+
+BN_EPS = 1e-5
+"""BatchNorm epsilon (PyTorch's default), shared by every path so they agree."""
+
+BNStats = list[tuple[Tensor, Tensor]]
+"""Per BatchNorm layer, (mean, biased variance) over batch and spatial dims: [C] for one task
+(`Conv4`), [T, C] for a task batch (`TaskNet`)."""
+
+Norm = Literal["batch", "image"] | BNStats
+"""How a `TaskNet` normalises: "batch" (statistics of each task's images together), "image"
+(each image alone, over its spatial positions), or given per-layer statistics."""
+
+
+class Conv4(nn.Module):
+    """Four conv blocks, then a linear head (or none: the flattened embedding, for ProtoNets).
+
+    Parameter names: `blocks.{i}.conv.weight` [hidden, c_in, 3, 3], `blocks.{i}.norm.weight` and
+    `blocks.{i}.norm.bias` [hidden] for i in 0..3; `head.weight` [out_features, embedding_size]
+    and `head.bias` [out_features] unless `out_features` is None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_features: int | None = 5,
+        hidden: int = 64,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(
+                f"conv4: image_size={image_size} shrinks to nothing after four 2x2 max-pools; "
+                "use image_size >= 16"
+            )
+        self.in_channels = in_channels
+        self.out_features = out_features
+        self.hidden = hidden
+        self.image_size = image_size
+        self.embedding_size = hidden * side * side
+        blocks = []
+        for i in range(4):
+            block = nn.Module()
+            block.conv = nn.Conv2d(
+                in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False
+            )
+            block.norm = nn.BatchNorm2d(hidden, eps=BN_EPS, track_running_stats=False)
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(self.embedding_size, out_features) if out_features else None
+
+    def forward(
+        self, x: Tensor, bn_stats: BNStats | None = None, *, return_bn_stats: bool = False
+    ) -> Tensor | tuple[Tensor, BNStats]:
+        """Logits [N, out_features] (or embeddings [N, embedding_size]) for images [N, C, H, W].
+
+        BatchNorm uses the statistics of `x` (so one image's output depends on the others in
+        the batch), or `bn_stats` when given. `return_bn_stats=True` also returns the statistics
+        used, per layer (mean, biased variance) [hidden].
+        """
+        h = x
+        used: BNStats = []
+        for i, block in enumerate(self.blocks):
+            h = F.conv2d(h, block.conv.weight, padding=1)
+            if bn_stats is None and not return_bn_stats:
+                h = F.batch_norm(
+                    h, None, None, block.norm.weight, block.norm.bias, True, 0.0, BN_EPS
+                )
+            else:
+                if bn_stats is None:
+                    mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+                else:
+                    mean, var = bn_stats[i]
+                used.append((mean, var))
+                h = _normalize(h, mean, var, block.norm.weight, block.norm.bias)
+            h = F.max_pool2d(F.relu(h), 2)
+        h = h.flatten(1)
+        out = self.head(h) if self.head is not None else h
+        return (out, used) if return_bn_stats else out
+
+    def batch_norm_stats(self, x: Tensor) -> BNStats:
+        """The (mean, biased variance) [hidden] each BatchNorm layer computes on batch `x`."""
+        return self(x, return_bn_stats=True)[1]
+
+
+def _normalize(h: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """BatchNorm of h [N, C, H, W] with given per-channel statistics [C]."""
+    scale = gamma * torch.rsqrt(var + BN_EPS)
+    return h * scale[:, None, None] + (beta - mean * scale)[:, None, None]
+
+
+def conv4(
+    in_channels: int = 1, out_features: int | None = 5, hidden: int = 64, image_size: int = 28
+) -> Conv4:
+    """Finn et al.'s conv4 (default: Omniglot, 28x28 grey, 5-way head, 64 filters).
+
+    `out_features=None` drops the head (the embedding network of ProtoNets). miniImageNet's
+    84x84 RGB variant is `conv4(3, 5, 32, 84)`.
+    """
+    return Conv4(in_channels, out_features, hidden, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-batched networks
+
+
+class TaskNet(Protocol):
+    """A network applied to T tasks at once, each with its own parameters."""
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, *, norm: Norm = "batch") -> Tensor:
+        """Outputs [T, N, out] for images x [T, N, C, H, W] and parameters with leading dim T."""
+        ...
+
+    def bn_stats(self, params: Mapping[str, Tensor], x: Tensor) -> BNStats:
+        """Per layer (mean, var) [T, C] that norm="batch" computes on x (for norm=<BNStats>)."""
+        ...
+
+
+class VmapNet:
+    """`TaskNet` by `torch.func.vmap` over `functional_call(model, params[t], x[t])`.
+
+    Works for any module whose `forward(x, bn_stats=None, *, return_bn_stats=False)` behaves
+    like `Conv4`'s; norm="image" forwards each image as its own batch of one (a nested vmap).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _one(self, params: Mapping[str, Tensor], x: Tensor, stats: BNStats | None) -> Tensor:
+        return torch.func.functional_call(self.model, dict(params), (x,), {"bn_stats": stats})
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, *, norm: Norm = "batch") -> Tensor:
+        if norm == "batch":
+            return torch.func.vmap(lambda p, xt: self._one(p, xt, None))(dict(params), x)
+        if norm == "image":
+
+            def per_image(p: Mapping[str, Tensor], xt: Tensor) -> Tensor:
+                one = torch.func.vmap(lambda xi: self._one(p, xi[None], None)[0])
+                return one(xt)
+
+            return torch.func.vmap(per_image)(dict(params), x)
+        return torch.func.vmap(self._one)(dict(params), x, list(norm))
+
+    def bn_stats(self, params: Mapping[str, Tensor], x: Tensor) -> BNStats:
+        def one(p: Mapping[str, Tensor], xt: Tensor) -> BNStats:
+            kwargs = {"return_bn_stats": True}
+            return torch.func.functional_call(self.model, dict(p), (xt,), kwargs)[1]
+
+        return torch.func.vmap(one)(dict(params), x)
+
+
+class GroupedConv4:
+    """`TaskNet` for `Conv4`: tasks as convolution groups, activations [N, T*C, H, W] channels_last.
+
+    Equal (to float rounding) to `functional_call(Conv4, params[t], x[t])` for every task t.
+    Differentiable to any order (second-order MAML), also under `torch.func.grad`.
+    """
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, *, norm: Norm = "batch") -> Tensor:
+        return self._run(params, x, norm, None)
+
+    def bn_stats(self, params: Mapping[str, Tensor], x: Tensor) -> BNStats:
+        stats: BNStats = []
+        self._run(params, x, "batch", stats)
+        return stats
+
+    @staticmethod
+    def _run(params: Mapping[str, Tensor], x: Tensor, norm: Norm, record: BNStats | None) -> Tensor:
+        t, n = x.shape[:2]
+        h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
+        h = h.contiguous(memory_format=torch.channels_last)
+        for i in range(4):
+            w = params[f"blocks.{i}.conv.weight"]
+            h = _Conv3x3.apply(h, w.reshape(-1, *w.shape[2:]), t)
+            gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
+            beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
+            if norm == "batch":
+                mean, var = _MeanVar.apply(h)
+                if record is not None:
+                    record.append((mean.view(t, -1), var.view(t, -1)))
+            elif norm == "image":
+                mean = h.mean((2, 3), keepdim=True)
+                var = (h - mean).square().mean((2, 3), keepdim=True)
+            else:
+                mean, var = (s.reshape(-1) for s in norm[i])
+            if mean.dim() == 1:
+                mean, var = mean[:, None, None], var[:, None, None]
+            scale = gamma[:, None, None] * torch.rsqrt(var + BN_EPS)
+            shift = beta[:, None, None] - mean * scale
+            if bool((gamma > 0).all()):
+                # ReLU(scale*h + shift) is non-decreasing in h: pooling first gives the same
+                # values (and the same argmax), and the affine map + ReLU touch 1/4 of the data.
+                h = F.relu(F.max_pool2d(h, 2) * scale + shift)
+            else:
+                h = F.max_pool2d(F.relu(h * scale + shift), 2)
+        h = h.reshape(n, t, -1).transpose(0, 1)  # [T, N, C*h*w], per-task flatten order
+        if "head.weight" in params:
+            h = torch.baddbmm(
+                params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2)
+            )
+        return h
+
+
+def task_net(model: nn.Module, backend: Literal["grouped", "vmap"] = "grouped") -> TaskNet:
+    """The task-batched form of `model`: `GroupedConv4` for a `Conv4` unless backend="vmap"."""
+    if backend == "grouped":
+        if not isinstance(model, Conv4):
+            raise ValueError(
+                f"task_net: backend='grouped' needs a Conv4, got {type(model).__name__}; "
+                "use backend='vmap'"
+            )
+        return GroupedConv4()
+    if backend == "vmap":
+        return VmapNet(model)
+    raise ValueError(f"task_net: backend must be 'grouped' or 'vmap', got {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable-to-any-order building blocks of GroupedConv4.
+# A 3x3 convolution y = C(x, w) is bilinear; its two adjoints are Cx(gy, w) = dL/dx and
+# Cw(x, gy) = dL/dw. Each of the three is differentiable in terms of the others, so every order
+# of derivative runs on oneDNN's forward / backward-data / backward-weight kernels.
+
+_STRIDE, _PAD, _DIL, _OUT_PAD = [1, 1], [1, 1], [1, 1], [0, 0]
+
+
+class _Conv3x3(Function):
+    """y = conv2d(x, w, padding=1, groups=groups)."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, groups: int) -> Tensor:
+        return F.conv2d(x, w, padding=1, groups=groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, w, groups = inputs
+        ctx.save_for_backward(x, w)
+        ctx.groups = groups
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        gx = _Conv3x3InputGrad.apply(gy, w, ctx.groups) if ctx.needs_input_grad[0] else None
+        gw = _Conv3x3WeightGrad.apply(x, gy, ctx.groups) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class _Conv3x3InputGrad(Function):
+    """gx = Cx(gy, w), the gradient of <gy, C(x, w)> with respect to x."""
+
+    @staticmethod
+    def forward(gy: Tensor, w: Tensor, groups: int) -> Tensor:
+        shape = (gy.shape[0], w.shape[1] * groups, *gy.shape[2:])
+        x_like = torch.empty(
+            shape, dtype=gy.dtype, device=gy.device, memory_format=torch.channels_last
+        )
+        return torch.ops.aten.convolution_backward(
+            gy, x_like, w, None, _STRIDE, _PAD, _DIL, False, _OUT_PAD, groups, [True, False, False]
+        )[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        gy, w, groups = inputs
+        ctx.save_for_backward(gy, w)
+        ctx.groups = groups
+
+    @staticmethod
+    def backward(ctx, ggx: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        gy, w = ctx.saved_tensors
+        dgy = _Conv3x3.apply(ggx, w, ctx.groups) if ctx.needs_input_grad[0] else None
+        dw = _Conv3x3WeightGrad.apply(ggx, gy, ctx.groups) if ctx.needs_input_grad[1] else None
+        return dgy, dw, None
+
+
+class _Conv3x3WeightGrad(Function):
+    """gw = Cw(x, gy), the gradient of <gy, C(x, w)> with respect to w."""
+
+    @staticmethod
+    def forward(x: Tensor, gy: Tensor, groups: int) -> Tensor:
+        w_like = gy.new_empty(1).expand(gy.shape[1], x.shape[1] // groups, 3, 3)
+        return torch.ops.aten.convolution_backward(
+            gy, x, w_like, None, _STRIDE, _PAD, _DIL, False, _OUT_PAD, groups, [False, True, False]
+        )[1].contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, gy, groups = inputs
+        ctx.save_for_backward(x, gy)
+        ctx.groups = groups
+
+    @staticmethod
+    def backward(ctx, ggw: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        x, gy = ctx.saved_tensors
+        dx = _Conv3x3InputGrad.apply(gy, ggw, ctx.groups) if ctx.needs_input_grad[0] else None
+        dgy = _Conv3x3.apply(x, ggw, ctx.groups) if ctx.needs_input_grad[1] else None
+        return dx, dgy, None
+
+
+class _MeanVar(Function):
+    """Per-channel mean and biased variance of h [N, C, H, W] over (N, H, W).
+
+    Forward: PyTorch's fused BatchNorm statistics kernel (one pass over channels_last data).
+    Backward: d/dh = gm/m + 2*gv*(h - mean)/m as ONE fused pass, written with
+    differentiable ops (and the saved output `mean`), so it can be differentiated again.
+    """
+
+    @staticmethod
+    def forward(h: Tensor) -> tuple[Tensor, Tensor]:
+        # One vectorised pass (PyTorch's BatchNorm statistics kernel); returns the biased var.
+        mean, var = torch.batch_norm_update_stats(h, None, None, 0.0)
+        return mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx, gm: Tensor, gv: Tensor) -> Tensor:  # noqa: ANN001
+        h, mean = ctx.saved_tensors
+        m = h.numel() // h.shape[1]
+        c = gv * (2.0 / m)
+        offset = (gm / m - c * mean).view(1, -1, 1, 1)
+        return torch.addcmul(offset, h, c.view(1, -1, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter dicts
+
+
+def params_of(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters as a dict of detached clones (safe to mutate; no autograd)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def expand_params(params: Mapping[str, Tensor], tasks: int) -> dict[str, Tensor]:
+    """One parameter set shared by `tasks` tasks: a [tasks, ...] view of each tensor (no copy)."""
+    return {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+
+
+def flatten_params(params: Mapping[str, Tensor]) -> Tensor:
+    """All tensors of `params`, in dict order, concatenated into one 1-D tensor."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten_params(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `flatten_params`: split `flat` into views shaped (and keyed) like `like`."""
+    expected = sum(p.numel() for p in like.values())
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(
+            f"unflatten_params: got a tensor of shape {tuple(flat.shape)}, expected 1-D with "
+            f"{expected} elements (the size of `like`)"
+        )
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name, p in like.items():
+        out[name] = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return out
