@@ -66,6 +66,7 @@ def bench_one(name: str, args: argparse.Namespace, episodes: Episodes) -> dict[s
         image_size=args.image_size,
         hidden=args.hidden,
         backend=args.backend,
+        max_tasks_per_call=args.chunk,
     )
     params = learner.init_params()
     runs = {"batched": learner.meta_gradient, "naive": learner.reference_meta_gradient}
@@ -111,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reptile-steps", type=int, default=5)
     parser.add_argument("--reptile-optimizer", choices=("sgd", "adam"), default="adam")
     parser.add_argument("--backend", choices=("grouped", "vmap"), default="grouped")
+    parser.add_argument(
+        "--chunk",
+        type=lambda s: s if s == "auto" else (None if s == "none" else int(s)),
+        default="auto",
+        help="max_tasks_per_call: auto (16 on CPU), none, or a number",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of a table"
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "image": [args.channels, args.image_size, args.image_size],
         "hidden": args.hidden,
         "threads": args.threads,
+        "chunk": args.chunk,
         "iters": args.iters,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

@@ -213,11 +213,17 @@ class GroupedConv4:
         h = h.contiguous(memory_format=torch.channels_last)
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
-            h = _Conv3x3.apply(h, w.reshape(-1, *w.shape[2:]), t)
+            # channels_last weights: what oneDNN converts them to for channels_last activations
+            # anyway (once here rather than inside every convolution and its backward).
+            w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+            h = _Conv3x3.apply(h, w, t)
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
             if norm == "batch":
-                mean, var = _MeanVar.apply(h)
+                if i == 0 and not x.requires_grad:
+                    mean, var = _first_layer_stats(x, params["blocks.0.conv.weight"])
+                else:
+                    mean, var = _MeanVar.apply(h)
                 if record is not None:
                     record.append((mean.view(t, -1), var.view(t, -1)))
             elif norm == "image":
@@ -241,6 +247,29 @@ class GroupedConv4:
                 params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2)
             )
         return h
+
+
+def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm (mean, biased var) [T*C] of the first conv's output, without touching it.
+
+    The output at a position is w_c . patch (patch: the 3x3xC_in input neighbourhood, zero
+    padded), so over a task's images and positions mean_c = w_c . mu and var_c = w_c' S w_c,
+    with mu and S (covariance, in float64) the moments of the input patches: data only, tiny
+    (C_in*9 values). This replaces two passes over the largest activation, and their
+    backward, by a few small matrix products.
+    """
+    t, n, c_in, hh, ww = x.shape
+    with torch.no_grad():
+        patches = F.unfold(x.reshape(t * n, c_in, hh, ww).double(), 3, padding=1)
+        patches = patches.view(t, n, c_in * 9, hh * ww).transpose(1, 2).reshape(t, c_in * 9, -1)
+        mu = patches.mean(2)
+        centered = patches - mu.unsqueeze(2)
+        cov = (centered @ centered.transpose(1, 2) / patches.shape[2]).to(x.dtype)
+        mu = mu.to(x.dtype)
+    w = w.reshape(t, w.shape[1], -1)  # [T, C, C_in*9]
+    mean = (w @ mu.unsqueeze(2)).reshape(-1)
+    var = ((w @ cov) * w).sum(2).reshape(-1)
+    return mean, var
 
 
 def task_net(model: nn.Module, backend: Literal["grouped", "vmap"] = "grouped") -> TaskNet:
@@ -322,7 +351,7 @@ class _Conv3x3WeightGrad(Function):
         w_like = gy.new_empty(1).expand(gy.shape[1], x.shape[1] // groups, 3, 3)
         return torch.ops.aten.convolution_backward(
             gy, x, w_like, None, _STRIDE, _PAD, _DIL, False, _OUT_PAD, groups, [False, True, False]
-        )[1].contiguous()
+        )[1]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -43,7 +43,7 @@ def make_learner(
     image_size: int = 28,
     hidden: int = 64,
     backend: Literal["grouped", "vmap"] = "grouped",
-    max_tasks_per_call: int | None = None,
+    max_tasks_per_call: int | Literal["auto"] | None = "auto",
 ) -> Learner:
     """The learner called `name` ("reptile", "fomaml", "maml", "protonet").
 
