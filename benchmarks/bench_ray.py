@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     cores = os.cpu_count() or 1
+    load_start = os.getloadavg()[0]
     cfg = bench_config(args.learner, args.steps, args.set)
     images = load_images(args.zip, args.store, cfg.image_size)
     print(
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     print(table(rows, rows[0]["tasks_per_s"]))
+    # The cores may be shared: say how busy they were, the figures depend on it.
+    print(f"load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(
             json.dumps({"config": cfg.to_dict(), "cores": cores, "rows": rows}, indent=2)
