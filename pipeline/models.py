@@ -220,7 +220,8 @@ class GroupedConv4:
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
             if norm == "batch":
-                if i == 0 and not x.requires_grad:
+                if i == 0 and 4 * 9 * x.shape[2] <= w.shape[0] // t and not x.requires_grad:
+                    # patch moments are cheaper only when 9*C_in << hidden (Omniglot: 9 vs 64)
                     mean, var = _first_layer_stats(x, params["blocks.0.conv.weight"])
                 else:
                     mean, var = _MeanVar.apply(h)
@@ -254,19 +255,24 @@ def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
     The output at a position is w_c . patch (patch: the 3x3xC_in input neighbourhood, zero
     padded), so over a task's images and positions mean_c = w_c . mu and var_c = w_c' S w_c,
-    with mu and S (covariance, in float64) the moments of the input patches: data only, tiny
-    (C_in*9 values). This replaces two passes over the largest activation, and their
-    backward, by a few small matrix products.
+    with mu and S (covariance) the moments of the input patches: data only, (9*C_in)^2 values.
+    When 9*C_in is small next to the number of filters (Omniglot: 9 vs 64) this replaces two
+    passes over the largest activation, and their backward, by a few small matrix products.
     """
     t, n, c_in, hh, ww = x.shape
+    k = 9 * c_in
     with torch.no_grad():
-        patches = F.unfold(x.reshape(t * n, c_in, hh, ww).double(), 3, padding=1)
-        patches = patches.view(t, n, c_in * 9, hh * ww).transpose(1, 2).reshape(t, c_in * 9, -1)
-        mu = patches.mean(2)
-        centered = patches - mu.unsqueeze(2)
-        cov = (centered @ centered.transpose(1, 2) / patches.shape[2]).to(x.dtype)
-        mu = mu.to(x.dtype)
-    w = w.reshape(t, w.shape[1], -1)  # [T, C, C_in*9]
+        xp = F.pad(x.reshape(t * n, c_in, hh, ww), (1, 1, 1, 1))
+        shifts = [xp[:, :, i : i + hh, j : j + ww] for i in range(3) for j in range(3)]
+        patches = torch.stack(shifts, 2).view(t * n, k, hh * ww)  # unfold's (c, i, j) order
+        count = n * hh * ww
+        mu = patches.sum(2, dtype=torch.float64).view(t, n, k).sum(1) / count
+        second = torch.bmm(patches, patches.transpose(1, 2)).view(t, n, k, k).sum(1)
+        cov = second.double() / count - mu.unsqueeze(2) * mu.unsqueeze(
+            1
+        )  # float64: no cancellation
+        mu, cov = mu.to(x.dtype), cov.to(x.dtype)
+    w = w.reshape(t, w.shape[1], k)  # [T, C, 9*C_in]
     mean = (w @ mu.unsqueeze(2)).reshape(-1)
     var = ((w @ cov) * w).sum(2).reshape(-1)
     return mean, var

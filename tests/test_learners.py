@@ -130,11 +130,15 @@ def test_flatten_roundtrip_and_params_are_copies() -> None:
 
 
 @pytest.mark.parametrize("backend", ["grouped", "vmap"])
-@pytest.mark.parametrize("shape", [(1, 3, 16), (3, None, 20)], ids=["grey-head", "rgb-embedding"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 16, HIDDEN), (1, 3, 16, 40), (3, None, 36, HIDDEN)],
+    ids=["grey-head", "grey-wide-patch-moments", "rgb-embedding-2x2"],
+)
 def test_task_net_equals_functional_call(backend: str, shape: tuple) -> None:
     torch.manual_seed(0)
-    channels, out, size = shape
-    model = conv4(channels, out, HIDDEN, size).double()
+    channels, out, size, hidden = shape
+    model = conv4(channels, out, hidden, size).double()
     t, n = 3, 4
     base = params_of(model)
     params = {k: v + 0.1 * torch.randn(t, *v.shape, dtype=v.dtype) for k, v in base.items()}
@@ -200,6 +204,16 @@ def test_adapt_and_predict_equals_reference_loop(key: str) -> None:
         assert logits.shape == (3, WAYS * 2, WAYS)
         ref = lrn.reference_adapt_and_predict(params, ep, bn_mode=bn_mode)
         torch.testing.assert_close(logits, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("key", ["maml", "protonet"])
+def test_wide_first_layer_equals_reference_loop(key: str) -> None:
+    """hidden >= 36 * C_in: the first BatchNorm's statistics come from input patch moments."""
+    lrn = learner(key, hidden=40)
+    params = lrn.init_params()
+    ep = episodes(tasks=2)
+    grads, _ = lrn.meta_gradient(params, ep)
+    assert max_rel_err(grads, lrn.reference_meta_gradient(params, ep)[0]) < 1e-9
 
 
 @pytest.mark.parametrize("key", ["maml", "reptile", "protonet"])

@@ -48,11 +48,13 @@ query cross-entropy / accuracy of each task after adaptation; "loss_before" and
 
 C = TypeVar("C")
 
-CPU_CHUNK = 16
-"""Tasks per call on CPU under max_tasks_per_call="auto". Measured on a 2-core Xeon with
-conv4 at 28x28: with all 32 tasks at once the first block's activations reach 32-64 MiB,
-above glibc's largest mmap threshold, so each such temporary is a fresh mapping (~300k minor
-page faults per Reptile meta-batch); 16 avoids that and was fastest (8 as fast, 4 slower)."""
+CPU_CHUNK_BYTES = 16 * 2**20
+"""Budget for max_tasks_per_call="auto" on CPU: as many tasks per call as keep the first
+block's activation (images per task x hidden x H x W) under 16 MiB. Measured on a 2-core Xeon
+with conv4 at 28x28: all 32 tasks at once put that activation at 32-64 MiB, above glibc's
+largest mmap threshold, so every such temporary is a fresh mapping (~300k minor page faults
+per Reptile meta-batch); 8-16 tasks per call avoid it and were fastest (4 was slower). Large
+images (84x84) get one task per call: there a single task already fills the cores."""
 
 
 class Learner(ABC):
@@ -72,7 +74,7 @@ class Learner(ABC):
 
         `max_tasks_per_call`: larger meta-batches run in chunks of that many tasks (results
         summed; same numbers up to float rounding). Bounds memory. None: never chunk. "auto":
-        `CPU_CHUNK` tasks on CPU, no chunking elsewhere.
+        `CPU_CHUNK_BYTES` decides on CPU, no chunking elsewhere.
         """
         self.model = model
         self.config = config
@@ -121,7 +123,14 @@ class Learner(ABC):
     def _chunks(self, episodes: Episodes) -> list[Episodes]:
         size = self.max_tasks_per_call
         if size == "auto":
-            size = CPU_CHUNK if episodes.support_x.device.type == "cpu" else None
+            size = None
+            if episodes.support_x.device.type == "cpu":
+                ep = episodes
+                images = ep.support_x.shape[1] + ep.query_x.shape[1]
+                per_task = (
+                    images * getattr(self.model, "hidden", 64) * ep.support_x[0, 0, 0].numel()
+                )
+                size = max(1, CPU_CHUNK_BYTES // (per_task * ep.support_x.element_size()))
         t = episodes.num_tasks
         if size is None or size >= t:
             return [episodes]
