@@ -375,13 +375,13 @@ def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_p
 def test_killed_driver_resumes_with_the_same_config_data_and_rng(
     store_root, images, local_ray, tmp_path
 ):
-    sets = {**EXACT, "checkpoint_every": 4, "val_every": 10, "eval_inner_steps": 5}
+    sets = {**EXACT, "checkpoint_every": 3, "val_every": 6, "eval_inner_steps": 5}
     del sets["steps"]
     overrides = [f"{key}={value}" for key, value in sets.items()]
     # What the CLI builds: reptile's tuned defaults, then the overrides.
-    cfg = config_for("reptile", None, overrides, steps=20)
+    cfg = config_for("reptile", None, overrides, steps=12)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flows.cli", "train", "--learner", "reptile", "--steps", "20"]
+    cmd = [sys.executable, "-m", "flows.cli", "train", "--learner", "reptile", "--steps", "12"]
     cmd += ["--workers", "2", "--out", str(out), "--store", str(store_root), "--json"]
     cmd += ["--ray-address", ray.get_runtime_context().gcs_address]
     for item in overrides:
@@ -396,12 +396,12 @@ def test_killed_driver_resumes_with_the_same_config_data_and_rng(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     steps = CheckpointDir(out / "checkpoints").steps()
-    assert steps and steps[-1] < 20, "the driver finished before it could be killed"
+    assert steps and steps[-1] < 12, "the driver finished before it could be killed"
 
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    assert result["step"] == 20 and result["resumed_from"].endswith(f"step-{steps[-1]:08d}.pt")
+    assert result["step"] == 12 and result["resumed_from"].endswith(f"step-{steps[-1]:08d}.pt")
     manifest = json.loads(Path(result["latest_checkpoint"]).with_suffix(".json").read_text())
     assert manifest["config"] == cfg.to_dict() and manifest["data_version"] == images.data_version
     # Same parameters as the same run never interrupted (same shards: bit for bit).
