@@ -292,6 +292,8 @@ class Trainer:
             self._check_compatible(ckpt)
             meta = MetaOptimizer(initial_params(cfg), cfg, total_steps=cfg.steps)
             meta.load_state_dict(ckpt.state["meta"])
+            if not cfg.minutes:  # an explicit step count may extend (or shorten) a resumed run
+                meta.total_steps = cfg.steps
             start = ckpt.step
             best_val = ckpt.state.get("best_val")
             elapsed_before = float(ckpt.state.get("elapsed", 0.0))
@@ -326,9 +328,11 @@ class Trainer:
                 tasks_done += specs.num_tasks
                 metrics = mean_metrics(sums, specs.num_tasks)
                 metrics["meta_lr"] = meta.learning_rate(step - 1)
-                if not budget_fixed and step - start == 20:
-                    meta.total_steps = self._steps_for_budget(step, elapsed_before + time.perf_counter() - t0,
-                                                              train_seconds / 20)
+                elapsed = elapsed_before + time.perf_counter() - t0
+                # Fix the schedule's length once the step time is known: after 20 steps, or
+                # sooner when a tenth of the budget is gone.
+                if not budget_fixed and (step - start == 20 or elapsed > 0.1 * budget):
+                    meta.total_steps = self._steps_for_budget(step, elapsed, train_seconds / (step - start))
                     budget_fixed = True
                 self._log(writer, history, step, metrics)
                 if self.progress:
