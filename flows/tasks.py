@@ -214,37 +214,49 @@ def build_task_pools(
     if manifest_path.exists():  # built by an earlier run whose Prefect cache is gone
         logger.info(f"task pools already built in {folder}")
         return json.loads(manifest_path.read_text())
-    images = ws.store().load_images(
-        None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
-    )
-    if images.data_version != data_version:
+    store = ws.store()
+    if store.data_version() != data_version:
         raise StoreError(
-            f"the store changed while the flow ran (data version {images.data_version[:12]}, "
+            f"the store changed while the flow ran (data version {store.data_version()[:12]}, "
             f"expected {data_version[:12]}); run the flow again"
         )
-    counts = np.bincount(images.labels, minlength=images.num_classes)
+    hashes = {d.name: d.content_hash for d in store.domains()}
     pools: dict[str, dict[str, Any]] = {}
+    built = 0
     for part in ("train", "val", "test"):
         pools[part] = {}
         for domain in getattr(parts, part):
-            classes = images.classes_of([domain])
-            eligible = int((counts[classes] >= cfg.shots + cfg.queries).sum())
-            ways = min(cfg.ways, eligible)
-            if ways < 2:
-                logger.warning(f"{domain}: {eligible} usable classes, too few for episodes")
-                continue
-            sampler = EpisodeSampler(
-                images,
-                ways=ways,
-                shots=cfg.shots,
-                queries=cfg.queries,
-                domains=(domain,),
-                mode="within",
-                rotations=False,
+            # Episodes index the domain's own images, so a domain's pool (and every score on
+            # it) stays valid when other domains arrive: it is named by the domain's content.
+            path = (
+                ws.pools_dir
+                / "domains"
+                / (f"{domain}-{hashes[domain][:16]}-{stable_hash(cfg.key())}.parquet")
             )
-            path = folder / part / f"{domain}.parquet"
-            sampler.sample(cfg.episodes, seed=cfg.seed).write_pool(path)
-            pools[part][domain] = {"path": str(path), "ways": ways, "episodes": cfg.episodes}
+            meta = path.with_suffix(".json")
+            if not (path.exists() and meta.exists()):
+                images = store.load_images(
+                    [domain], image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
+                )
+                counts = np.bincount(images.labels, minlength=images.num_classes)
+                eligible = int((counts >= cfg.shots + cfg.queries).sum())
+                ways = min(cfg.ways, eligible)
+                if ways < 2:
+                    logger.warning(f"{domain}: {eligible} usable classes, too few for episodes")
+                    continue
+                sampler = EpisodeSampler(
+                    images,
+                    ways=ways,
+                    shots=cfg.shots,
+                    queries=cfg.queries,
+                    mode="within",
+                    rotations=False,
+                )
+                sampler.sample(cfg.episodes, seed=cfg.seed).write_pool(path)
+                atomic_write_json(meta, {"ways": ways, "episodes": cfg.episodes})
+                built += 1
+            entry = json.loads(meta.read_text())
+            pools[part][domain] = {"path": str(path), **entry}
     manifest = {
         "dir": str(folder),
         "data_version": data_version,
@@ -254,7 +266,10 @@ def build_task_pools(
     }
     atomic_write_json(manifest_path, manifest)
     n = sum(len(v) for v in pools.values())
-    logger.info(f"built {n} task pools of {cfg.episodes} episodes in {folder}")
+    logger.info(
+        f"task pools for {n} domains ({built} newly sampled, {cfg.episodes} episodes each); "
+        f"manifest {manifest_path}"
+    )
     return manifest
 
 
@@ -479,41 +494,50 @@ def _acc_dict(mean: float, ci95: float, **extra: Any) -> dict[str, Any]:
 def score_model(
     model, ws: Workspace, pools: dict[str, Any], *, oneshot: bool = True
 ) -> dict[str, Any]:
-    """Accuracy (95% CI) of one model per domain and per split on the pools' fixed episodes."""
+    """Accuracy (95% CI) of one model per domain and per split on the pools' fixed episodes.
+
+    Scores are cached per (checkpoint, pool file) under `<root>/scores/`: a champion is scored
+    only on pools it has not seen, e.g. the new domains' when it is compared with a retrain.
+    """
     from pipeline.evaluation import evaluate_episodes, mean_ci
     from pipeline.tasks import EpisodeSpecs
 
     cfg = model.config
-    images = ws.store().load_images(
-        None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
-    )
-    if images.data_version != pools["data_version"]:
-        raise StoreError(
-            f"task pools are for data version {pools['data_version'][:12]} but the store holds "
-            f"{images.data_version[:12]}; rebuild the pools"
-        )
+    store = ws.store()
     learner = model.learner
+    cache = ws.root / "scores" / checkpoint_sha(model.path)[:24]
 
     def predict(episodes):
         return learner.adapt_and_predict(model.params, episodes, bn_mode=cfg.bn_mode)
+
+    def cached(name: str, compute) -> dict[str, Any]:
+        path = cache / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_json(path, value)
+        return value
 
     domains: dict[str, Any] = {}
     splits: dict[str, Any] = {}
     for part, entries in pools["pools"].items():
         means, cis = [], []
         for domain, entry in entries.items():
-            specs = EpisodeSpecs.read_pool(entry["path"])
-            acc = evaluate_episodes(predict, images, specs, batch_size=20, bn_mode=cfg.bn_mode)
-            domains[domain] = _acc_dict(
-                acc.mean,
-                acc.ci95,
-                split=part,
-                ways=acc.ways,
-                shots=acc.shots,
-                episodes=acc.episodes,
-            )
-            means.append(acc.mean)
-            cis.append(0.0 if math.isnan(acc.ci95) else acc.ci95)
+
+            def compute(domain=domain, entry=entry) -> dict[str, Any]:
+                images = store.load_images(
+                    [domain], image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
+                )
+                specs = EpisodeSpecs.read_pool(entry["path"])
+                acc = evaluate_episodes(predict, images, specs, batch_size=20, bn_mode=cfg.bn_mode)
+                return _acc_dict(
+                    acc.mean, acc.ci95, ways=acc.ways, shots=acc.shots, episodes=acc.episodes
+                )
+
+            acc = cached(Path(entry["path"]).stem, compute)
+            domains[domain] = {**acc, "split": part}
+            means.append(acc["mean"])
+            cis.append(acc["ci95"] or 0.0)
         if means:
             # Mean of independent per-domain estimates: its CI adds the domains' in quadrature.
             splits[part] = _acc_dict(
@@ -534,13 +558,15 @@ def score_model(
 
         runs = settings.omniglot_oneshot_runs()
         if runs:
-            scores = score_oneshot(model, runs)
-            mean, ci = mean_ci([1.0 - e for e in scores.errors])
-            result["oneshot"] = _acc_dict(
-                mean,
-                ci,
-                runs=len(scores.errors),
-                errors=dict(zip(scores.names, scores.errors, strict=True)),
+
+            def compute_oneshot() -> dict[str, Any]:
+                scores = score_oneshot(model, runs)
+                mean, ci = mean_ci([1.0 - e for e in scores.errors])
+                errors = dict(zip(scores.names, scores.errors, strict=True))
+                return _acc_dict(mean, ci, runs=len(scores.errors), errors=errors)
+
+            result["oneshot"] = cached(
+                f"oneshot-{stable_hash([str(r) for r in runs])}", compute_oneshot
             )
     return result
 
@@ -598,7 +624,7 @@ def evaluate(
         part, domain = first
         cfg = candidate.config
         images = store.load_images(
-            None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
+            [domain], image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
         )
         specs = EpisodeSpecs.read_pool(pools["pools"][part][domain]["path"])[:1]
         ep = materialize(images, specs)

@@ -42,9 +42,10 @@ class PoolSettings:
     ways: int = 20
     """Classes per episode (Lake's 20-way protocol); a smaller domain uses all its classes."""
     shots: int = 1
-    queries: int = 5
-    episodes: int = 100
-    """Episodes per domain."""
+    queries: int = 3
+    """Query images per class (3 x 20 = 60 queries an episode)."""
+    episodes: int = 60
+    """Episodes per domain (each domain's pool is sampled from that domain alone)."""
     seed: int = 0
     image_size: int = 28
     channels: int = 1

@@ -145,6 +145,12 @@ def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_pat
     scores = json.loads((Path(second["report"]).parent / "scores.json").read_text())
     assert scores["candidate"]["domains"]["Latin"]["new"] is True
     assert set(scores["champion"]["domains"]) == set(scores["candidate"]["domains"])
+    # The champion was scored on the old domains' pools once; the retrain only added Latin's.
+    champion_sha = json.loads(Path(run["init_checkpoint"]).with_suffix(".json").read_text())
+    cached = sorted(
+        p.stem.split("-")[0] for p in (root / "scores" / champion_sha["sha256"][:24]).glob("*.json")
+    )
+    assert cached == ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin", "oneshot"]
     assert second["status"] in ("promoted", "refused")
     registry = json.loads((root / "champions.json").read_text())
     assert len(registry["decisions"]) == 2
