@@ -1,6 +1,6 @@
 """Distributed training on a real local Ray: parity with the Trainer, failures, resume.
 
-One local Ray (3 logical CPUs) serves the whole module; failures are real SIGKILLs of actor
+One local Ray and a pool of 3 workers serve the whole module; failures are real SIGKILLs of actor
 processes and of an `anole train` subprocess. Data: the Omniglot small1 zip ingested into tmp.
 """
 
@@ -26,6 +26,7 @@ from pipeline.checkpoint import CheckpointDir, load_checkpoint  # noqa: E402
 from pipeline.config import TrainConfig, config_for  # noqa: E402
 from pipeline.errors import CheckpointError, ConfigError  # noqa: E402
 from workers.driver import DistributedTrainer, shard_specs, train_distributed  # noqa: E402
+from workers.pool import WorkerPool  # noqa: E402
 from workers.protocol import UpdateHeader  # noqa: E402
 from workers.resources import ClusterView, RayOptions, plan_resources, shortfall  # noqa: E402
 from workers.server import ParameterServer  # noqa: E402
@@ -96,9 +97,19 @@ def local_ray():
     """One local Ray for the module: Ray startup costs seconds."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    # 3 CPUs for the worker pool, 2 for the workers of the `anole train` subprocess.
+    ray.init(address="local", num_cpus=5, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(images, local_ray):
+    """Three workers shared by the module's runs: a worker process costs seconds to start."""
+    with WorkerPool(
+        images, 3, config=TrainConfig(learner="reptile", **EXACT), options=ONE_CPU
+    ) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +233,7 @@ def _split(images, cfg):
 
 @pytest.mark.parametrize("learner", ["reptile", "fomaml"])
 def test_sync_training_matches_the_single_process_trainer(
-    learner, images, local_ray, trainer_runs, tmp_path
+    learner, images, pool, trainer_runs, tmp_path
 ):
     cfg = TrainConfig(learner=learner, **EXACT)
     expected, expected_val = trainer_runs(cfg)
@@ -234,6 +245,7 @@ def test_sync_training_matches_the_single_process_trainer(
             workers=workers,
             options=ONE_CPU,
             log_tensorboard=False,
+            pool=pool,
         )
         np.testing.assert_allclose(
             result.final_params,
@@ -259,10 +271,12 @@ def test_sync_training_matches_the_single_process_trainer(
 
 
 @pytest.fixture(scope="module")
-def clean_fault_run(images, local_ray, tmp_path_factory):
+def clean_fault_run(images, pool, tmp_path_factory):
     """The FAULT config on 2 workers without failures: what every failure test must reproduce."""
     out = tmp_path_factory.mktemp("clean")
-    return train_distributed(FAULT, images, out, workers=2, options=ONE_CPU, log_tensorboard=False)
+    return train_distributed(
+        FAULT, images, out, workers=2, options=ONE_CPU, log_tensorboard=False, pool=pool
+    )
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -270,7 +284,7 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def test_killed_worker_mid_step_is_replaced(images, clean_fault_run, tmp_path):
+def test_killed_worker_mid_step_is_replaced(images, pool, clean_fault_run, tmp_path):
     killed: list[int] = []
 
     def kill_when_busy(pid: int) -> None:
@@ -297,6 +311,7 @@ def test_killed_worker_mid_step_is_replaced(images, clean_fault_run, tmp_path):
         options=ONE_CPU,
         progress=progress,
         log_tensorboard=False,
+        pool=pool,
     )
     result = trainer.run()
     assert killed
@@ -306,7 +321,9 @@ def test_killed_worker_mid_step_is_replaced(images, clean_fault_run, tmp_path):
     assert result.counters["applied"] == FAULT.steps and result.counters["duplicates"] == 0
 
 
-def test_killed_parameter_server_restarts_from_its_checkpoint(images, clean_fault_run, tmp_path):
+def test_killed_parameter_server_restarts_from_its_checkpoint(
+    images, pool, clean_fault_run, tmp_path
+):
     trainer: DistributedTrainer
     killed: list[int] = []
 
@@ -327,6 +344,7 @@ def test_killed_parameter_server_restarts_from_its_checkpoint(images, clean_faul
         options=ONE_CPU,
         progress=progress,
         log_tensorboard=False,
+        pool=pool,
     )
     result = trainer.run()
     assert killed and later and later[0] != killed[0]  # a new process took over
@@ -334,7 +352,35 @@ def test_killed_parameter_server_restarts_from_its_checkpoint(images, clean_faul
     np.testing.assert_allclose(result.final_params, clean_fault_run.final_params, rtol=0, atol=1e-7)
 
 
-def test_corrupt_checkpoint_falls_back_and_says_so(images, clean_fault_run, tmp_path):
+def test_pooled_worker_restarted_between_steps_is_reconfigured(
+    images, pool, trainer_runs, tmp_path
+):
+    # The pool's workers were created for reptile; Ray restarts a killed one with that config.
+    cfg = TrainConfig(learner="fomaml", **EXACT)
+    trainer: DistributedTrainer
+    killed: list[int] = []
+
+    def progress(done, total, metrics):
+        if done == 1 and not killed:  # between steps: the worker is idle
+            killed.append(trainer.worker_pids()[1])
+            os.kill(killed[0], signal.SIGKILL)
+
+    trainer = DistributedTrainer(
+        cfg,
+        images,
+        tmp_path,
+        workers=2,
+        options=ONE_CPU,
+        progress=progress,
+        log_tensorboard=False,
+        pool=pool,
+    )
+    result = trainer.run()
+    assert killed and result.retries >= 1
+    np.testing.assert_allclose(result.final_params, trainer_runs(cfg)[0], rtol=0, atol=2e-6)
+
+
+def test_corrupt_checkpoint_falls_back_and_says_so(images, pool, clean_fault_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(clean_fault_run.out_dir, run)
     latest = run / "checkpoints" / "step-00000006.pt"
@@ -342,7 +388,14 @@ def test_corrupt_checkpoint_falls_back_and_says_so(images, clean_fault_run, tmp_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train_distributed(
-            FAULT, images, run, workers=2, resume=True, options=ONE_CPU, log_tensorboard=False
+            FAULT,
+            images,
+            run,
+            workers=2,
+            resume=True,
+            options=ONE_CPU,
+            log_tensorboard=False,
+            pool=pool,
         )
     assert any("corrupt" in str(w.message) and "falling back" in str(w.message) for w in caught)
     assert result.checkpoint_fallbacks and "step-00000006" in result.checkpoint_fallbacks[0]
@@ -355,7 +408,7 @@ def test_corrupt_checkpoint_falls_back_and_says_so(images, clean_fault_run, tmp_
         )
 
 
-def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_path):
+def test_async_drops_updates_beyond_the_staleness_bound(images, pool, tmp_path):
     cfg = FAULT.replace(steps=4)
     strict = train_distributed(
         cfg,
@@ -364,6 +417,7 @@ def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_p
         workers=2,
         log_tensorboard=False,
         options=RayOptions(mode="async", staleness=0, worker_cpus=1),
+        pool=pool,
     )
     c = strict.counters
     assert strict.step == 4 and c["applied"] == 4 and c["duplicates"] == 0
@@ -373,9 +427,17 @@ def test_async_drops_updates_beyond_the_staleness_bound(images, local_ray, tmp_p
 
 @pytest.mark.slow
 def test_killed_driver_resumes_with_the_same_config_data_and_rng(
-    store_root, images, local_ray, tmp_path
+    store_root, images, pool, tmp_path
 ):
-    sets = {**EXACT, "checkpoint_every": 3, "val_every": 6, "eval_inner_steps": 5}
+    # Pin the episode shape: the learner's tuned defaults may differ (e.g. a 20-way head).
+    sets = {
+        **EXACT,
+        "ways": 5,
+        "queries": 5,
+        "checkpoint_every": 3,
+        "val_every": 6,
+        "eval_inner_steps": 5,
+    }
     del sets["steps"]
     overrides = [f"{key}={value}" for key, value in sets.items()]
     # What the CLI builds: reptile's tuned defaults, then the overrides.
@@ -406,7 +468,13 @@ def test_killed_driver_resumes_with_the_same_config_data_and_rng(
     assert manifest["config"] == cfg.to_dict() and manifest["data_version"] == images.data_version
     # Same parameters as the same run never interrupted (same shards: bit for bit).
     clean = train_distributed(
-        cfg, images, tmp_path / "clean", workers=2, log_tensorboard=False, options=ONE_CPU
+        cfg,
+        images,
+        tmp_path / "clean",
+        workers=2,
+        log_tensorboard=False,
+        options=ONE_CPU,
+        pool=pool,
     )
     np.testing.assert_array_equal(
         flat_params(Path(result["latest_checkpoint"])), clean.final_params

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from pipeline.images import ImageSet
 from pipeline.tasks import DomainSplit, EpisodeSpecs
 from pipeline.train import ProgressFn, TrainingData, TrainResult, check_compatible
 
+from .pool import WorkerPool
 from .protocol import Ack, ServerStatus, Snapshot, WorkerInfo
 from .resources import (
     ClusterView,
@@ -155,8 +156,10 @@ class DistributedTrainer:
         progress: ProgressFn | None = None,
         log_tensorboard: bool = True,
         split: DomainSplit | None = None,
+        pool: WorkerPool | None = None,
     ):
         self.config = config
+        self.pool = pool
         self.images = images
         self.out_dir = Path(out_dir)
         self.num_workers = int(workers)
@@ -230,18 +233,25 @@ class DistributedTrainer:
     # --- start and stop -----------------------------------------------------------------------
     def _start(self, resume: bool) -> None:
         import ray
+        from ray.exceptions import RayActorError
 
         from .server import RemoteParameterServer
-        from .worker import RemoteAdaptationWorker
+        from .worker import RemoteAdaptationWorker, make_run_key
 
         cfg = self.config
-        self.plan = plan = plan_resources(
-            cfg, self.num_workers, self.options, ClusterView.current()
-        )
-        self._pg = reserve_workers(plan)
-        # The dataset goes into the object store once; every actor reads that one copy.
-        self._images_ref = ray.put(self.images)
         split = self.data.split.to_dict()
+        self._key = make_run_key(cfg.to_dict(), split)
+        if self.pool is not None:
+            self.pool.check(self.images, self.num_workers)
+            self.plan = plan = replace(self.pool.plan, workers=self.num_workers)
+            self._pg, self._images_ref = None, self.pool.images_ref
+        else:
+            self.plan = plan = plan_resources(
+                cfg, self.num_workers, self.options, ClusterView.current()
+            )
+            self._pg = reserve_workers(plan)
+            # The dataset goes into the object store once; every actor reads that one copy.
+            self._images_ref = ray.put(self.images)
         staleness = (
             self.options.staleness if self.options.staleness is not None else self.num_workers
         )
@@ -259,20 +269,35 @@ class DistributedTrainer:
             run_info={"workers": self.num_workers, **plan.to_dict()},
             threads=plan.threads,
         )
-        self.workers = [
-            RemoteAdaptationWorker.options(**worker_options(plan, self._pg, i)).remote(
-                cfg.to_dict(), [self._images_ref], split, plan.threads
-            )
-            for i in range(self.num_workers)
-        ]
+        if self.pool is not None:
+            self.workers = self.pool.actors[: self.num_workers]
+        else:
+            self.workers = [
+                RemoteAdaptationWorker.options(**worker_options(plan, self._pg, i)).remote(
+                    cfg.to_dict(), [self._images_ref], split, plan.threads
+                )
+                for i in range(self.num_workers)
+            ]
         self._alive = [True] * self.num_workers
         self._probes: dict[int, Any] = {}
-        self._probe_failures = [0] * self.num_workers
+        self._probe_due: dict[int, float] = {}
+        self._probe_deaths = [0] * self.num_workers
         self._rr = 0
         status = self._open_status(ray.get(self.server.status.remote()))
         self.resumed_from = status.resumed_from
-        self.worker_info = ray.get([w.info.remote() for w in self.workers])
-        log.info("workers: %s", [i.to_dict() for i in self.worker_info])
+        self.worker_info = [None] * self.num_workers
+        infos = []
+        for w, actor in enumerate(self.workers):
+            if self.pool is not None:
+                self._configure(w)
+            infos.append(actor.info.remote())
+        for w, ref in enumerate(infos):
+            try:
+                self.worker_info[w] = ray.get(ref)
+            except RayActorError:  # e.g. a pooled worker Ray is still restarting
+                self._mark_dead(w)
+        self._refresh_workers(block=not any(self._alive))
+        log.info("workers: %s", [i.to_dict() for i in self.worker_info if i is not None])
 
     def _open_status(self, status: ServerStatus) -> ServerStatus:
         """Raise the server's open error in this process; report skipped corrupt checkpoints."""
@@ -292,7 +317,8 @@ class DistributedTrainer:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for actor in [*self.workers, self.server]:
+        owned = [] if self.pool is not None else self.workers
+        for actor in [*owned, self.server]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
         if getattr(self, "_pg", None) is not None:
@@ -348,7 +374,7 @@ class DistributedTrainer:
             checkpoint_fallbacks=list(self.fallbacks),
             overhead=self._overhead(),
             resources=self.plan.to_dict() if self.plan else {},
-            worker_info=[i.to_dict() for i in self.worker_info],
+            worker_info=[i.to_dict() for i in self.worker_info if i is not None],
             final_params=np.array(flat),
         )
 
@@ -368,10 +394,11 @@ class DistributedTrainer:
         if self.progress:
             self.progress(ack.step, self._total, dict(ack.metrics or {}))
         done = ack.step - self._start_step
-        if not self._budget_fixed and done >= 20:
-            # The Trainer's rule: after 20 steps, size the run to the time budget.
-            per_step = self._train_seconds / done + self._bookkeeping_seconds / done
-            remaining = self._budget - (self._elapsed_before + time.perf_counter() - self._t0)
+        elapsed = self._elapsed_before + time.perf_counter() - self._t0
+        if not self._budget_fixed and (done >= 20 or elapsed > 0.1 * self._budget):
+            # The Trainer's rule: after 20 steps (or a tenth of the budget), size the run.
+            per_step = (self._train_seconds + self._bookkeeping_seconds) / max(done, 1)
+            remaining = self._budget - elapsed
             total = max(ack.step + 1, ack.step + int(remaining / per_step))
             self._total = self._server_get(self.server.set_total_steps.remote(total))
             self._budget_fixed = True
@@ -469,7 +496,8 @@ class DistributedTrainer:
         specs: EpisodeSpecs,
         w: int,
     ) -> None:
-        header_ref, update_ref = self.workers[w].contribute.remote(step, snap, flat_ref, specs)
+        call = self.workers[w].contribute.remote(step, snap, flat_ref, specs, self._key)
+        header_ref, update_ref = call
         pending[header_ref] = (key, w, update_ref)
 
     def _next_done(self, pending: dict) -> tuple[Any, tuple[int, int, Any]]:
@@ -484,18 +512,33 @@ class DistributedTrainer:
         return ready[0], pending.pop(ready[0])
 
     def _worker_result(self, header_ref: Any, w: int):
-        """The header of a finished call, or None when the worker died during it."""
+        """The header of a finished call, or None when it must be re-sent (the worker died, or
+        came back from a restart serving another run)."""
         import ray
         from ray.exceptions import RayActorError
 
+        from .worker import WorkerNotConfigured
+
         try:
             return ray.get(header_ref)
+        except WorkerNotConfigured:
+            log.warning("worker %d was restarted for another run; re-configuring it", w)
+            self._configure(w)
+            return None
         except RayActorError as exc:
             log.warning("worker %d died (%s); re-dispatching its episodes", w, type(exc).__name__)
             self.worker_failures += 1
-            self._alive[w] = False
-            self._probes[w] = self.workers[w].info.remote()  # resolves once Ray has restarted it
+            self._mark_dead(w)
             return None
+
+    def _mark_dead(self, w: int) -> None:
+        """Stop sending work to worker `w` until a liveness probe finds it restarted."""
+        self._alive[w] = False
+        self._probes[w] = self.workers[w].info.remote()
+
+    def _configure(self, w: int) -> None:
+        # Actor calls run in order: the next contribute() sees this configuration.
+        self.workers[w].configure.remote(self.config.to_dict(), self.data.split.to_dict())
 
     def _retry(
         self,
@@ -534,31 +577,45 @@ class DistributedTrainer:
         return [w for w in range(self.num_workers) if self._alive[w] and w not in busy]
 
     def _refresh_workers(self, block: bool) -> None:
-        """Mark workers whose liveness probe answered as alive again; with `block`, wait for one."""
+        """Mark workers whose liveness probe answered as alive again; with `block`, wait for one.
+
+        A probe sent while Ray restarts the actor fails as "unavailable": it is sent again a
+        little later. Three "died" answers in a row mean Ray gave up on that worker.
+        """
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorDiedError, RayActorError
 
         deadline = time.perf_counter() + self.options.call_timeout_s
-        while self._probes:
+        while self._probes or self._probe_due:
+            now = time.perf_counter()
+            for w, due in list(self._probe_due.items()):
+                if now >= due:
+                    del self._probe_due[w]
+                    self._probes[w] = self.workers[w].info.remote()
             for w, probe in list(self._probes.items()):
                 if not ray.wait([probe], timeout=0)[0]:
                     continue
                 del self._probes[w]
                 try:
                     self.worker_info[w] = ray.get(probe)
-                    self._alive[w] = True
-                    log.warning("worker %d is back (pid %d)", w, self.worker_info[w].pid)
-                except RayActorError:
-                    # Probed while Ray was still noticing the death: ask again, within the restarts.
-                    self._probe_failures[w] += 1
-                    if self._probe_failures[w] <= self.plan.worker_max_restarts + 1:
-                        self._probes[w] = self.workers[w].info.remote()
-            if any(self._alive) or not block or not self._probes:
+                except RayActorError as exc:
+                    died = isinstance(exc, ActorDiedError)
+                    self._probe_deaths[w] = self._probe_deaths[w] + 1 if died else 0
+                    if self._probe_deaths[w] < 3:
+                        self._probe_due[w] = time.perf_counter() + 0.25
+                    continue
+                self._configure(w)  # a restarted worker starts with its creation config
+                self._alive[w] = True
+                self._probe_deaths[w] = 0
+                log.warning("worker %d is back (pid %d)", w, self.worker_info[w].pid)
+            if any(self._alive) or not block:
                 break
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+            if time.perf_counter() > deadline:
                 raise TrainingError(f"no worker came back within {self.options.call_timeout_s:g}s")
-            ray.wait(list(self._probes.values()), num_returns=1, timeout=remaining)
+            if self._probes:
+                ray.wait(list(self._probes.values()), num_returns=1, timeout=0.25)
+            else:
+                time.sleep(0.05)
         if not any(self._alive):
             raise TrainingError(
                 f"all {self.num_workers} workers died and Ray gave up restarting them "
@@ -645,6 +702,7 @@ def train_distributed(
     options: RayOptions | None = None,
     log_tensorboard: bool = True,
     split: DomainSplit | None = None,
+    pool: WorkerPool | None = None,
 ) -> DistributedResult:
     """Meta-train on Ray with `workers` adaptation workers and one parameter server.
 
@@ -653,6 +711,7 @@ def train_distributed(
     checkpoint in `out_dir` (corrupt ones are skipped with a warning). `options` (default: from
     ANOLE_* environment variables) picks sync/async, staleness and per-worker resources. `split`
     fixes the train/val/test domains (default: split from the config, as the Trainer does).
+    `pool` runs on the first `workers` workers of a `WorkerPool` instead of starting new ones.
     """
     trainer = DistributedTrainer(
         config,
@@ -664,6 +723,7 @@ def train_distributed(
         progress=progress,
         log_tensorboard=log_tensorboard,
         split=split,
+        pool=pool,
     )
     return trainer.run(resume=resume)
 
@@ -672,6 +732,7 @@ __all__ = [
     "DistributedResult",
     "DistributedTrainer",
     "RayOptions",
+    "WorkerPool",
     "shard_specs",
     "train_distributed",
 ]

@@ -140,6 +140,8 @@ class ParameterServer:
         if ckpt is not None:
             check_compatible(ckpt, cfg, self.data.images.data_version)
             self.meta.load_state_dict(ckpt.state["meta"])
+            if not cfg.minutes:  # as the Trainer: an explicit step count may extend a resumed run
+                self.meta.total_steps = cfg.steps
             self.step = ckpt.step
             self.best_val = ckpt.state.get("best_val")
             self.elapsed_before = float(ckpt.state.get("elapsed", 0.0))

@@ -7,6 +7,8 @@ same specs with the same parameters and gets the same contribution.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -24,6 +26,16 @@ from pipeline.train import TrainingData, build_learner, build_model
 from .protocol import Snapshot, UpdateHeader, WorkerInfo
 
 Params = dict[str, torch.Tensor]
+
+
+class WorkerNotConfigured(RuntimeError):
+    """The worker serves another run (the driver re-configures it and re-sends the call)."""
+
+
+def make_run_key(config: dict[str, Any], split: dict[str, Any]) -> str:
+    """A short key naming (config, split): what a worker must be configured with for a run."""
+    text = json.dumps([config, split], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def param_template(config: TrainConfig) -> Params:
@@ -111,13 +123,22 @@ class AdaptationWorker:
     ):
         torch.set_num_threads(max(1, int(threads)))
         self.threads = max(1, int(threads))
-        self.config = TrainConfig.from_dict(config)
-        self.images = images = resolve_images(images)
-        self.data = TrainingData.build(images, self.config, DomainSplit.from_dict(split))
-        self.learner = build_learner(self.config)
-        self.template = param_template(self.config)
+        self.images = resolve_images(images)
         self.device, self.gpu_ids = pick_device()
         self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        self.configure(config, split)
+
+    def configure(self, config: dict[str, Any], split: dict[str, Any]) -> str:
+        """Serve the run with this config and domain split from now on; returns its run key.
+
+        A `WorkerPool` reuses workers across runs (no new processes, no torch import) this way.
+        """
+        self.config = TrainConfig.from_dict(config)
+        self.data = TrainingData.build(self.images, self.config, DomainSplit.from_dict(split))
+        self.learner = build_learner(self.config)
+        self.template = param_template(self.config)
+        self.run_key = make_run_key(config, split)
+        return self.run_key
 
     def info(self) -> WorkerInfo:
         """Where this worker runs and what it computes on (also a cheap liveness probe)."""
@@ -138,7 +159,7 @@ class AdaptationWorker:
 
     @ray.method(num_returns=2)
     def contribute(
-        self, step: int, snapshot: Snapshot, flat: np.ndarray, specs: EpisodeSpecs
+        self, step: int, snapshot: Snapshot, flat: np.ndarray, specs: EpisodeSpecs, key: str
     ) -> tuple[UpdateHeader, np.ndarray]:
         """The meta-update of `specs` at the parameters `flat`: summed over its tasks.
 
@@ -146,6 +167,9 @@ class AdaptationWorker:
         meta-gradient as one flat float32 array in the parameters' order. Deterministic: the
         same (step, flat, specs) always give the same result, on any worker.
         """
+        if key != self.run_key:
+            # A pooled worker that Ray restarted with the pool's first config: never guess.
+            raise WorkerNotConfigured(f"worker {self.name} serves run {self.run_key}, not {key}")
         params = flat_to_params(flat, self.template, self.device)
         start = time.perf_counter()
         episodes = self.data.episodes(specs, step, device=self.device)
