@@ -98,6 +98,9 @@ class TrainConfig:
     """Meta-updates in the run (a time budget, when given, replaces it)."""
     minutes: float = 0.0
     """Time budget in minutes; > 0 sets `steps` from the throughput measured at the start."""
+    budget_clock: str = "wall"
+    """Clock of the time budget: wall (elapsed time) or cpu (this process's CPU time divided by
+    its torch threads: a fair budget on a machine shared with other work)."""
     seed: int = 0
     """Seed for episodes, augmentation and initialisation: same seed, same run."""
     num_threads: int = 0
@@ -126,6 +129,7 @@ class TrainConfig:
             (self.meta_optimizer in ("sgd", "adam"), "meta_optimizer", "sgd or adam"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
             (self.sampling in ("within", "unstructured"), "sampling", "within or unstructured"),
+            (self.budget_clock in ("wall", "cpu"), "budget_clock", "wall or cpu"),
             (self.val_sampling in ("within", "unstructured"), "val_sampling", "within or unstructured"),
             (self.bn_mode in ("transductive", "per_image", "support"), "bn_mode",
              "transductive, per_image or support"),
@@ -253,11 +257,32 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
 
 # Tuned settings per learner, used when a learner is chosen without a config file.
 LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "protonet": {},
-    # supervised-reptile's Omniglot settings: inner Adam (beta1 = 0), 5 steps, 50 at evaluation.
-    "reptile": {"inner_lr": 1e-3, "inner_steps": 5, "inner_optimizer": "adam", "eval_inner_steps": 50},
-    "fomaml": {},
-    "maml": {},
+    # Snell et al.'s Omniglot recipe (60-way episodes, rotations, Adam) plus small affine
+    # augmentation, which matters with only a handful of training alphabets.
+    "protonet": {
+        "ways": 60, "shots": 1, "queries": 5, "meta_batch": 1,
+        "augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1,
+        "val_every": 200, "checkpoint_every": 200, "val_episodes": 100,
+    },
+    # The MAML family and Reptile train a 20-way head, matching the 20-way one-shot protocol.
+    "reptile": {
+        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 16,
+        "inner_optimizer": "sgd", "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 10,
+        "augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1,
+        "val_every": 100, "val_episodes": 100,
+    },
+    "fomaml": {
+        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 16,
+        "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 5,
+        "augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1,
+        "val_every": 100, "val_episodes": 100,
+    },
+    "maml": {
+        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 16,
+        "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 5,
+        "augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1,
+        "val_every": 100, "val_episodes": 100,
+    },
 }
 
 

@@ -276,6 +276,12 @@ class Trainer:
     def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return checkpoint_manifest(self.data, step, metrics)
 
+    def _clock(self) -> float:
+        """Seconds on the budget's clock: wall time, or this process's CPU time per torch thread."""
+        if self.config.budget_clock == "cpu":
+            return time.process_time() / torch.get_num_threads()
+        return time.perf_counter()
+
     def run(self, *, resume: bool = False) -> TrainResult:
         """Train to the configured steps or time budget; with `resume`, continue the latest checkpoint."""
         cfg = self.config
@@ -304,7 +310,7 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         history = self._read_history(upto=start)
         writer = self._tensorboard()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         train_seconds = 0.0
         tasks_done = 0
         metrics: dict[str, float] = {}
@@ -316,19 +322,19 @@ class Trainer:
             if start == 0 and self.val_specs is not None:
                 best_val = self._validate(meta, 0, history, writer, best_val, force_save=False)
             while step < meta.total_steps:
-                if budget and elapsed_before + time.perf_counter() - t0 > budget:
+                if budget and elapsed_before + self._clock() - t0 > budget:
                     break
-                ts = time.perf_counter()
+                ts = self._clock()
                 specs = self.data.specs_for_step(step)
                 episodes = self.data.episodes(specs, step)
                 summed, sums = self.learner.meta_gradient(meta.params, episodes)
                 meta.apply(summed, specs.num_tasks, step)
                 step += 1
-                train_seconds += time.perf_counter() - ts
+                train_seconds += self._clock() - ts
                 tasks_done += specs.num_tasks
                 metrics = mean_metrics(sums, specs.num_tasks)
                 metrics["meta_lr"] = meta.learning_rate(step - 1)
-                elapsed = elapsed_before + time.perf_counter() - t0
+                elapsed = elapsed_before + self._clock() - t0
                 # Fix the schedule's length once the step time is known: after 20 steps, or
                 # sooner when a tenth of the budget is gone.
                 if not budget_fixed and (step - start == 20 or elapsed > 0.1 * budget):
@@ -342,14 +348,14 @@ class Trainer:
                     best_val = self._validate(meta, step, history, writer, best_val)
                 if step % cfg.checkpoint_every == 0 or is_val:
                     last_ckpt = self._save(meta, step, metrics, best_val,
-                                           elapsed_before + time.perf_counter() - t0)
+                                           elapsed_before + self._clock() - t0)
         finally:
             if writer is not None:
                 writer.close()
         if step > start or last_ckpt is None:
             if self.val_specs is not None and step % cfg.val_every != 0:
                 best_val = self._validate(meta, step, history, None, best_val)
-            last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + time.perf_counter() - t0)
+            last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + self._clock() - t0)
         best = self.checkpoints.best()
         return TrainResult(
             out_dir=self.out_dir,
@@ -358,7 +364,7 @@ class Trainer:
             best_val=best_val,
             best_checkpoint=best.path if best else last_ckpt,
             latest_checkpoint=last_ckpt,
-            seconds=time.perf_counter() - t0,
+            seconds=self._clock() - t0,
             tasks_per_second=tasks_done / train_seconds if train_seconds else 0.0,
             history=history,
         )
@@ -373,10 +379,10 @@ class Trainer:
 
     def _validate(self, meta: MetaOptimizer, step: int, history: list[dict[str, Any]], writer,
                   best_val: float | None, force_save: bool = True) -> float | None:
-        t = time.perf_counter()
+        t = self._clock()
         acc = evaluate_params(self.learner, meta.params, self.data, self.val_specs,
                               bn_mode=self.config.bn_mode)
-        self._val_seconds = time.perf_counter() - t
+        self._val_seconds = self._clock() - t
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         history.append(record)
         self._append_jsonl(record)
@@ -465,7 +471,7 @@ def check_compatible(ckpt: Checkpoint, config: TrainConfig, data_version: str) -
     """Raise ConfigError unless `ckpt` was trained with this config (bar budgets) and data."""
     saved = ckpt.manifest.get("config", {})
     mine = config.to_dict()
-    ignore = {"steps", "minutes", "val_every", "checkpoint_every", "keep_last", "num_threads"}
+    ignore = {"steps", "minutes", "budget_clock", "val_every", "checkpoint_every", "keep_last", "num_threads"}
     diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
     if diff:
         raise ConfigError(
