@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import TrainConfig, config_for  # noqa: E402
+from pipeline.config import DEFAULT_LEARNER, TrainConfig, config_for  # noqa: E402
 from pipeline.images import ImageSet  # noqa: E402
 
 
@@ -74,8 +74,14 @@ def synthetic_images(
 
 
 def bench_config(learner: str | None, steps: int, overrides: list[str]) -> TrainConfig:
-    """The learner's default config, timed over `steps`; validation kept small (it is not timed)."""
-    base = config_for(learner, None, overrides, steps=steps)
+    """The TrainConfig defaults (meta-batch 32, conv4-64, 5-way 1-shot) for `learner`, timed over
+    `steps`; validation kept small (it is not timed). NAME:tuned uses the learner's tuned defaults."""
+    if learner and learner.endswith(":tuned"):
+        base = config_for(learner.removesuffix(":tuned"), None, overrides, steps=steps)
+    else:
+        base = TrainConfig.load(
+            None, overrides, base={"learner": learner or DEFAULT_LEARNER}, steps=steps
+        )
     return base.replace(
         val_every=10**6, checkpoint_every=10**6, val_episodes=min(base.val_episodes, 20)
     )
@@ -187,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--learner", default=None, help="learner (default: the config default)")
+    parser.add_argument(
+        "--learner",
+        default=None,
+        help="learner (default: the config default); NAME:tuned for its tuned defaults",
+    )
     parser.add_argument("--steps", type=int, default=30, help="meta-steps per run")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")

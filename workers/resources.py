@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config import TrainConfig
@@ -334,11 +334,6 @@ def server_options(plan: ResourcePlan, node_id: str) -> dict[str, Any]:
         "max_task_retries": 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     }
-
-
-def with_overrides(options: RayOptions, **changes: Any) -> RayOptions:
-    """A copy of `options` with some fields changed (validated again)."""
-    return replace(options, **changes)
 
 
 __all__ = [
