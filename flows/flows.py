@@ -116,7 +116,7 @@ def anole_pipeline(
     sources: list[str] | None = None,
     holdout: list[str] | None = None,
     learner: str | None = None,
-    minutes: float = 0.0,
+    minutes: float = 7.5,
     steps: int | None = None,
     overrides: dict[str, Any] | None = None,
     workers: int = 0,
@@ -135,7 +135,8 @@ def anole_pipeline(
     domains = [d.name for d in store.domains()]
     if not domains:
         raise AnoleError(f"the store {ws.store_dir} is empty: pass sources to ingest")
-    cfg = _config(learner, overrides, minutes=minutes or None, steps=steps)
+    # A step count, when given, wins over the time budget.
+    cfg = _config(learner, overrides, minutes=None if steps else minutes or None, steps=steps)
     wcfg = _workspace_config(
         ws,
         cfg,

@@ -15,6 +15,7 @@ from flows.champions import decide
 from flows.workspace import PromotionPolicy
 
 TINY = {
+    "ways": 5,
     "hidden": 8,
     "meta_batch": 2,
     "val_episodes": 5,
@@ -22,6 +23,7 @@ TINY = {
     "checkpoint_every": 1,
     "keep_last": 2,
     "image_size": 28,
+    "num_threads": 1,  # a shared 2-core machine: more torch threads only spin
 }
 POOLS = {"ways": 5, "episodes": 4}
 

@@ -20,7 +20,15 @@ from flows.serve import free_port, stop_process, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-TINY = {"hidden": 8, "meta_batch": 2, "val_episodes": 5, "val_every": 2, "checkpoint_every": 1}
+TINY = {
+    "ways": 5,
+    "hidden": 8,
+    "meta_batch": 2,
+    "val_episodes": 5,
+    "val_every": 2,
+    "checkpoint_every": 1,
+    "num_threads": 1,
+}
 POOLS = {"ways": 5, "episodes": 3}
 
 
