@@ -32,6 +32,7 @@ BIN = Path(sys.executable).parent
 PREFECT_MANIFEST = REPO / "deploy" / "prefect" / "prefect.yaml"
 TINY = {
     "hidden": 8,
+    "ways": 5,
     "meta_batch": 4,
     "queries": 2,
     "val_episodes": 4,
@@ -391,8 +392,10 @@ def test_domain_arrived_event_retrains_on_the_ray_cluster_through_a_prefect_work
         registry = json.loads((root / "champions.json").read_text())
         decision = registry["decisions"][-1]
         assert decision["new_domains"] == ["Korean"] and decision["champion"] == "champion-001"
-        result = json.loads((Path(decision["checkpoint"]).parents[1] / "result.json").read_text())
+        run_dir = Path(decision["candidate"]).parents[1]
+        result = json.loads((run_dir / "result.json").read_text())
         assert result["workers"] == 2 and result["resources"]["workers"] == 2
+        assert result["init_checkpoint"].endswith("champion-001/model.pt")  # a warm start
     finally:
         for proc in reversed(procs):
             stop_process(proc)
