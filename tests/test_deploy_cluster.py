@@ -157,7 +157,7 @@ class LocalRayCluster:
         proc = self.nodes.get(name)
         if proc is not None and proc.poll() is None and self.pids(name):
             return
-        self._start(name, [f"--address={self.address}", f"--resources={{\"{name}\": 1}}"])
+        self._start(name, [f"--address={self.address}", f'--resources={{"{name}": 1}}'])
 
     def pids(self, name: str) -> list[int]:
         """Processes of node `name`: those in the session its `ray start` leads."""
@@ -221,9 +221,7 @@ def small1_store(tmp_path_factory, omniglot_zips) -> Path:
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 180) -> str:
-    done = subprocess.run(
-        cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--exclude", nargs="*", default=[])
     args = parser.parse_args(argv)
-    sys.stdout.write("".join(f"{d}\n" for d in dependencies(args.pyproject, args.only, args.exclude)))
+    sys.stdout.write(
+        "".join(f"{d}\n" for d in dependencies(args.pyproject, args.only, args.exclude))
+    )
     return 0
 
 
