@@ -28,32 +28,41 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def learning_curves(runs: dict[str, str | Path], out: str | Path) -> Path | None:
-    """Training loss / accuracy and validation accuracy against step, one line per run."""
+def learning_curves(
+    runs: dict[str, str | Path], out: str | Path, offsets: dict[str, int] | None = None
+) -> Path | None:
+    """Training loss / accuracy and validation accuracy against step, one colour per run.
+
+    `offsets` shifts a run's steps (a warm-started run continues where its champion stopped).
+    """
     series = {label: read_metrics(d) for label, d in runs.items()}
     if not any(series.values()):
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, records in series.items():
+    for i, (label, records) in enumerate(series.items()):
+        colour = f"C{i}"
+        shift = (offsets or {}).get(label, 0)
         train = [r for r in records if "loss" in r]
         val = [r for r in records if "val_accuracy" in r]
         if train:
-            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+            steps = [shift + r["step"] for r in train]
+            axes[0].plot(steps, [r["loss"] for r in train], color=colour, label=label)
+            if any("accuracy" in r for r in train):
+                axes[1].plot(
+                    [shift + r["step"] for r in train if "accuracy" in r],
+                    [100 * r["accuracy"] for r in train if "accuracy" in r],
+                    color=colour,
+                    linestyle=":",
+                    alpha=0.7,
+                    label=f"{label}: training episodes",
+                )
         if val:
-            steps = np.array([r["step"] for r in val])
+            steps = np.array([shift + r["step"] for r in val])
             acc = np.array([r["val_accuracy"] for r in val])
             ci = np.array([r.get("val_ci95") or 0.0 for r in val])
-            axes[1].plot(steps, 100 * acc, marker="o", label=label)
-            axes[1].fill_between(steps, 100 * (acc - ci), 100 * (acc + ci), alpha=0.2)
-        train_acc = [r for r in train if "accuracy" in r]
-        if train_acc:
-            axes[1].plot(
-                [r["step"] for r in train_acc],
-                [100 * r["accuracy"] for r in train_acc],
-                linestyle=":",
-                label=f"{label} (train episodes)",
-            )
+            axes[1].plot(steps, 100 * acc, marker="o", color=colour, label=f"{label}: validation")
+            axes[1].fill_between(steps, 100 * (acc - ci), 100 * (acc + ci), color=colour, alpha=0.2)
     axes[0].set(title="meta-training loss", xlabel="meta-update", ylabel="query loss")
     axes[1].set(title="accuracy", xlabel="meta-update", ylabel="accuracy (%)")
     for ax in axes:

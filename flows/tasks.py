@@ -648,11 +648,14 @@ def evaluate(
 
     run_dir = Path(checkpoint).parent.parent
     out = ws.reports_dir / run_dir.name
+    curves = {"candidate": run_dir}
+    offsets = {}
+    if champion_run_dir:
+        curves = {"champion": champion_run_dir, **curves}
+        if champion_checkpoint and _warm_started_from(run_dir, champion_checkpoint):
+            offsets["candidate"] = int(scores["champion"]["step"])  # it continues the champion
     figures = {
-        "learning_curves": plots.learning_curves(
-            {"candidate": run_dir, **({"champion": champion_run_dir} if champion_run_dir else {})},
-            out / "learning_curves.png",
-        ),
+        "learning_curves": plots.learning_curves(curves, out / "learning_curves.png", offsets),
         "domain_accuracy": plots.domain_accuracy(scores, out / "domain_accuracy.png"),
     }
     first = next(
@@ -697,6 +700,15 @@ def evaluate(
         + f"; report {out / 'report.md'}"
     )
     return {"report": str(out / "report.md"), "report_dir": str(out), "scores": scores}
+
+
+def _warm_started_from(run_dir: Path, checkpoint: str) -> bool:
+    """Whether the run at `run_dir` started from `checkpoint`'s parameters."""
+    config = run_dir / "result.json"
+    if not config.exists():
+        return False
+    init = json.loads(config.read_text()).get("init_checkpoint")
+    return bool(init) and checkpoint_sha(init) == checkpoint_sha(checkpoint)
 
 
 def _pct(acc: dict[str, Any] | None) -> str:
