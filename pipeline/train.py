@@ -217,8 +217,17 @@ def evaluate_params(learner, params: Params, data: TrainingData, specs: EpisodeS
                     bn_mode: str, batch_size: int = 16) -> Accuracy:
     """Accuracy of `params` on fixed episodes, fine-tuning per the learner."""
 
+    head = params.get("head.bias")
+    if head is not None and specs.ways > head.numel():
+        raise ConfigError(
+            f"a {head.numel()}-way head cannot score {specs.ways}-way episodes; evaluate with "
+            f"--ways {head.numel()} or fewer, or train with ways={specs.ways}"
+        )
+
     def predict(episodes: Episodes) -> torch.Tensor:
-        return learner.adapt_and_predict(params, episodes, bn_mode=bn_mode)
+        # A wider head than the episode (20-way head, 5-way episode) fine-tunes with the spare
+        # outputs pushed down by the loss; only the episode's classes can be predicted.
+        return learner.adapt_and_predict(params, episodes, bn_mode=bn_mode)[..., : episodes.ways]
 
     return evaluate_episodes(predict, data.images, specs, batch_size=batch_size, bn_mode=bn_mode)
 
