@@ -307,19 +307,37 @@ def main_job(
     if unknown:
         raise ConfigError(f"held-out domains {unknown} are in none of the sources")
     logger.info(f"holding out {held} as domains that arrive later")
-    first = anole_pipeline(
-        root,
-        sources=[str(s) for s in sources],
-        holdout=held,
-        learner=learner,
-        minutes=minutes * (1 - retrain_share) if not steps else 0.0,
-        steps=steps,
-        overrides=overrides,
-        workers=workers,
-        pools=pools,
-        policy=policy,
-        oneshot=oneshot,
-    )
+    ws = Workspace(root)
+    earlier = Champions(ws).read()["history"]
+    present = {d.name for d in ws.store().domains()} if ws.store_dir.exists() else set()
+    if earlier and set(held) <= present:
+        # A rerun after the arrival: the first training is done (a crashed retrain resumes).
+        message = (
+            f"{earlier[0]['id']} was trained before {', '.join(held)} arrived; "
+            "skipping the first training"
+        )
+        logger.info(message)
+        first = {
+            "status": "done before",
+            "message": message,
+            "champion": earlier[0]["id"],
+            "report": earlier[0].get("report"),
+            "reasons": [],
+        }
+    else:
+        first = anole_pipeline(
+            root,
+            sources=[str(s) for s in sources],
+            holdout=held,
+            learner=learner,
+            minutes=minutes * (1 - retrain_share) if not steps else 0.0,
+            steps=steps,
+            overrides=overrides,
+            workers=workers,
+            pools=pools,
+            policy=policy,
+            oneshot=oneshot,
+        )
     # A new domain arrives: ingesting it emits anole.domain.arrived (a served deployment would
     # react to that event; here the retrain runs right after).
     arrivals = [ingest_domain(str(available[name]), root, domain=name) for name in held]

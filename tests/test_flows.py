@@ -101,7 +101,7 @@ def _is_png(path: str | Path) -> bool:
 
 def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_path):
     """Ingest 4 alphabets, train on Ray, evaluate, promote; Latin arrives and is learned."""
-    from flows.flows import main_job, retrain_on_new_domains
+    from flows.flows import main_job
     from workers.driver import ray_session
 
     root = tmp_path / "ws"
@@ -169,12 +169,23 @@ def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_pat
         "anole-promotion",
     } <= keys
 
-    # Nothing new since: the retrain does nothing, says so, and trains nothing.
+    # Run the job again: nothing new since, so it retrains nothing and says so.
     runs_before = sorted(p.name for p in (root / "runs").iterdir())
-    again = retrain_on_new_domains(str(root), steps=2)
-    assert again["status"] == ("up-to-date" if second["promoted"] else "already-tried")
-    assert again["message"]
+    again = main_job(  # no Ray needed: nothing will train
+        str(root),
+        [str(zip1)],
+        holdout=["Latin"],
+        steps=3,
+        retrain_steps=2,
+        overrides=TINY,
+        pools=POOLS,
+        workers=1,
+    )
+    assert again["pipeline"]["status"] == "done before"
+    assert again["retrain"]["status"] == ("up-to-date" if second["promoted"] else "already-tried")
+    assert again["retrain"]["message"]
     assert sorted(p.name for p in (root / "runs").iterdir()) == runs_before
+    assert again["champion"] == out["champion"]
 
 
 # --------------------------------------------------------------------------- caching, promotion
@@ -288,11 +299,10 @@ def test_promotion_rule():
 
 
 def test_ingest_validates_and_retrain_needs_a_champion(prefect_api, tmp_path):
-    from flows.flows import retrain_on_new_domains
-    from flows.tasks import ingest_domain
+    from flows.flows import ingest_flow, retrain_on_new_domains
     from pipeline.errors import IngestError
 
     with pytest.raises(IngestError, match="does not exist"):
-        ingest_domain(str(tmp_path / "missing.zip"), str(tmp_path / "ws"))
+        ingest_flow(str(tmp_path / "missing.zip"), str(tmp_path / "ws"))
     out = retrain_on_new_domains(str(tmp_path / "ws"))
     assert out["status"] == "no-champion" and "run the pipeline first" in out["message"]
