@@ -37,9 +37,6 @@ from .workspace import PoolSettings, PromotionPolicy, Workspace, source_fingerpr
 DOMAIN_ARRIVED = "anole.domain.arrived"
 """The event `ingest_domain` emits for every new domain or new domain version."""
 
-# Config fields that only set a run's budget and bookkeeping; everything else names the run.
-_BUDGET_FIELDS = ("minutes", "steps", "val_every", "checkpoint_every", "keep_last", "num_threads")
-
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 _progress_listener: ProgressFn | None = None
 
