@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,6 @@ query cross-entropy / accuracy of each task after adaptation; "loss_before" and
 "accuracy_before": the same with the meta-parameters before adaptation (equal to "loss" and
 "accuracy" for learners without an inner loop). Divide by "tasks" for means."""
 
-C = TypeVar("C")
-
 CPU_CHUNK_BYTES = 16 * 2**20
 """Budget for max_tasks_per_call="auto" on CPU: as many tasks per call as keep the first
 block's activation (images per task x hidden x H x W) under 16 MiB. Measured on a 2-core Xeon
@@ -65,7 +63,7 @@ class Learner(ABC):
     def __init__(
         self,
         model: nn.Module,
-        config: C,
+        config: object,
         *,
         backend: Literal["grouped", "vmap"] = "grouped",
         max_tasks_per_call: int | Literal["auto"] | None = "auto",
