@@ -13,6 +13,10 @@ as the Trainer counts them). Parameter-server overhead = the share of each meta-
 the slowest worker's compute: dispatch, serialisation, object-store transfers, the server's
 aggregation and optimiser step, and the driver's round trips (the first step, which pays one-off
 warm-up, is left out).
+
+On shared cores the workers may get less CPU than they reserve: "CPU the workers got" is their
+CPU seconds over their compute seconds x threads, and "tasks/s at full CPU" re-times each step
+with the workers' compute scaled to a whole CPU each (an estimate: the compute is CPU-bound).
 """
 
 from __future__ import annotations
@@ -126,6 +130,14 @@ def run_ray(
         "step_s": over.get("step_s"),
         "compute_s": over.get("compute_s"),
         "overhead_share": over.get("share"),
+        "worker_cpu_share": over.get("worker_cpu_share"),
+        # Estimate: the same steps if each worker had had its whole CPU (compute is CPU-bound).
+        "tasks_per_s_full_cpu": (
+            cfg.meta_batch
+            / (over["step_s"] - over["compute_s"] + over["compute_s"] * over["worker_cpu_share"])
+            if over.get("worker_cpu_share")
+            else None
+        ),
         "devices": sorted({w["device"] for w in result.worker_info}),
         "wall_s": time.perf_counter() - start,
     }
@@ -136,15 +148,18 @@ def table(rows: list[dict[str, Any]], baseline: float, baseline_name: str) -> st
         return "" if value is None else format(value, fmt) + suffix
 
     lines = [
-        f"| run | tasks/s | vs {baseline_name} | step s | slowest worker compute s | PS overhead |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| run | tasks/s | vs {baseline_name} | step s | slowest worker compute s | PS overhead "
+        "| CPU the workers got | tasks/s at full CPU (est.) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        share = r.get("overhead_share")
+        share, cpu = r.get("overhead_share"), r.get("worker_cpu_share")
         lines.append(
             f"| {r['run']} | {r['tasks_per_s']:.1f} | {r['tasks_per_s'] / baseline:.2f}x | "
             f"{num(r.get('step_s'), '.3f')} | {num(r.get('compute_s'), '.3f')} | "
-            f"{num(None if share is None else 100 * share, '.1f', '%')} |"
+            f"{num(None if share is None else 100 * share, '.1f', '%')} | "
+            f"{num(None if cpu is None else 100 * cpu, '.0f', '%')} | "
+            f"{num(r.get('tasks_per_s_full_cpu'), '.1f')} |"
         )
     return "\n".join(lines)
 

@@ -181,6 +181,7 @@ class DistributedTrainer:
         self._high_step = 0
         self._step_retries = 0
         self._step_stats: list[tuple[float, float]] = []  # (step wall s, slowest compute s)
+        self._cpu_stats = [0.0, 0.0]  # worker CPU seconds, worker compute seconds x threads
 
     # --- public -------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> DistributedResult:
@@ -433,6 +434,8 @@ class DistributedTrainer:
                 self._retry(pending, i, step, snap, flat_ref, shards[i])
                 continue
             slowest = max(slowest, header.compute_s)
+            self._cpu_stats[0] += header.cpu_s
+            self._cpu_stats[1] += header.compute_s * (self.plan.threads if self.plan else 1)
             # Straight from the worker's object store to the server: the driver never holds it.
             pushes.append(self.server.push.remote(header, update_ref))
         acks: list[Ack] = self._server_get(pushes)
@@ -682,11 +685,14 @@ class DistributedTrainer:
             return {}
         walls = np.array([s[0] for s in self._step_stats])
         computes = np.array([s[1] for s in self._step_stats])
+        cpu, budget = self._cpu_stats
         return {
             "steps": float(len(walls)),
             "step_s": float(walls.mean()),
             "compute_s": float(computes.mean()),
             "share": float(1.0 - computes.sum() / walls.sum()),
+            # Below 1: the workers got less CPU than they reserved (a busy, shared machine).
+            "worker_cpu_share": float(cpu / budget) if budget else 0.0,
         }
 
 

@@ -40,6 +40,9 @@ class UpdateHeader:
     compute_s: float
     """Seconds of worker compute: materialising episodes and the learner's inner loops."""
     worker: str = ""
+    cpu_s: float = 0.0
+    """CPU seconds the worker process used for that compute (all its threads): divided by
+    compute_s x threads, how much of its CPUs the worker actually got."""
     """Which worker (node and pid), for logs."""
 
     @property

@@ -171,7 +171,7 @@ class AdaptationWorker:
             # A pooled worker that Ray restarted with the pool's first config: never guess.
             raise WorkerNotConfigured(f"worker {self.name} serves run {self.run_key}, not {key}")
         params = flat_to_params(flat, self.template, self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         episodes = self.data.episodes(specs, step, device=self.device)
         summed, sums = self.learner.meta_gradient(params, episodes)
         update = params_to_flat(summed, self.template)
@@ -184,6 +184,7 @@ class AdaptationWorker:
             metric_sums={k: float(v) for k, v in sums.items()},
             compute_s=compute,
             worker=self.name,
+            cpu_s=time.process_time() - cpu_start,
         )
         return header, update
 
