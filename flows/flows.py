@@ -88,6 +88,8 @@ def _workspace_config(
             "image_size": cfg.image_size,
             "channels": cfg.channels,
             "invert": cfg.invert,
+            # Learners with a classifier head score at most that many ways.
+            **({} if cfg.learner == "protonet" else {"ways": min(PoolSettings().ways, cfg.ways)}),
             **(pools or {}),
         }
         created = WorkspaceConfig(

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
-from pipeline.errors import AnoleError, IngestError, StoreError
+from pipeline.errors import AnoleError, ConfigError, IngestError, StoreError
 
 from . import plots
 from .champions import Champions, decide
@@ -542,8 +542,15 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
     from pipeline.evaluation import evaluate_episodes, mean_ci
     from pipeline.tasks import EpisodeSpecs
 
+    head = model.params.get("head.bias")
+    width = None if head is None else head.numel()  # a classifier head's ways (MAML, Reptile)
+
     def predict(episodes):
-        return learner.adapt_and_predict(model.params, episodes, bn_mode=cfg.bn_mode)
+        # A head wider than the episode fine-tunes with its spare outputs pushed down by the
+        # loss; only the episode's classes can be predicted.
+        return learner.adapt_and_predict(model.params, episodes, bn_mode=cfg.bn_mode)[
+            ..., : episodes.ways
+        ]
 
     def cached(name: str, compute) -> dict[str, Any]:
         path = cache / f"{name}.json"
@@ -558,6 +565,11 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
     for part, entries in pools["pools"].items():
         means, cis = [], []
         for domain, entry in entries.items():
+            if width is not None and entry["ways"] > width:
+                raise ConfigError(
+                    f"{model.path} has a {width}-way head and cannot score the {entry['ways']}-way "
+                    f"episodes of {domain}; use a workspace whose pools have ways <= {width}"
+                )
 
             def compute(domain=domain, entry=entry) -> dict[str, Any]:
                 images = store.load_images(
@@ -587,7 +599,7 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
         "domains": domains,
         "splits": splits,
     }
-    if oneshot and cfg.channels == 1:
+    if oneshot and cfg.channels == 1 and (width is None or width >= 20):  # the runs are 20-way
         from pipeline import settings
         from pipeline.scoring import score_oneshot
 
