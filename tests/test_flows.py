@@ -78,7 +78,7 @@ def _events(resource_prefix: str, timeout_s: float = 20.0) -> list:
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker
 
-    EventsWorker.drain_all()
+    EventsWorker.drain_all(timeout=30)
     flt = EventFilter(
         event=EventNameFilter(name=["anole.domain.arrived"]),
         resource=EventResourceFilter(id_prefix=[resource_prefix]),

@@ -149,7 +149,7 @@ def test_domain_arrival_starts_the_served_retrain_once(omniglot_zips, tmp_path):
                 for name in ("Korean", "Latin"):
                     report = ingest_flow(zip1, str(root), domain=name)
                     assert report["announced"] == [name]
-                EventsWorker.drain_all()
+                EventsWorker.drain_all(timeout=30)
 
                 only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
 
