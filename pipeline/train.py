@@ -23,9 +23,23 @@ from .episodes import Episodes
 from .errors import CheckpointError, ConfigError
 from .evaluation import Accuracy, evaluate_episodes
 from .images import ImageSet
-from .learners import Learner, LearnerConfig, MAMLConfig, ProtoNetConfig, ReptileConfig, make_learner
+from .learners import (
+    Learner,
+    LearnerConfig,
+    MAMLConfig,
+    ProtoNetConfig,
+    ReptileConfig,
+    make_learner,
+)
 from .models import conv4, flatten_params, params_of, unflatten_params
-from .tasks import DomainSplit, EpisodeSampler, EpisodeSpecs, affine_augment, materialize, split_domains
+from .tasks import (
+    DomainSplit,
+    EpisodeSampler,
+    EpisodeSpecs,
+    affine_augment,
+    materialize,
+    split_domains,
+)
 
 Params = dict[str, torch.Tensor]
 
