@@ -16,6 +16,7 @@ from pipeline.episodes import Episodes
 from pipeline.learners.base import (
     Params,
     add_into,
+    grad_and_value,
     loss_sum,
     metrics_dict,
     reference_forward,
@@ -45,7 +46,7 @@ class FOMAML(MAML):
             logits = net(th, ep.query_x)
             return loss_sum(logits, ep.query_y), logits
 
-        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(theta)
+        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(theta)
         with torch.no_grad():
             before = net(theta0, ep.query_x)
         return {k: g.sum(0) for k, g in grads.items()}, metrics_dict(

@@ -3,8 +3,8 @@
 For each task, the fast weights are theta_t = phi - a * grad L_support(phi) (repeated
 `inner_steps` times); the meta-objective is the query loss at theta_t, and its gradient with
 respect to phi includes the second-order terms (Hessian-vector products of the support loss).
-All tasks adapt in one call: `torch.func.grad` of the summed query loss, taken over the
-meta-parameters, with the inner gradients computed by a nested `torch.func.grad`.
+All tasks adapt in one call: `grad_and_value` of the summed query loss, taken over the
+meta-parameters, with the inner gradients computed by a nested `grad` whose graph is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pipeline.learners.base import (
     Learner,
     Params,
     add_into,
+    grad_and_value,
     loss_sum,
     metrics_dict,
     predict,
@@ -72,7 +73,7 @@ class MAML(Learner):
             logits = net(theta, ep.query_x)
             return loss_sum(logits, ep.query_y), logits
 
-        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(params)
+        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
         with torch.no_grad():
             before = net(shared(params, ep.num_tasks), ep.query_x)
         return grads, metrics_dict(ep.num_tasks, logits, ep.query_y, before)

@@ -24,6 +24,7 @@ from pipeline.learners.base import (
     Learner,
     Params,
     add_into,
+    grad_and_value,
     loss_sum,
     metrics_dict,
     predict,
@@ -73,7 +74,7 @@ class ProtoNet(Learner):
             logits = self._logits(phi, episodes, "transductive")
             return loss_sum(logits, episodes.query_y), logits
 
-        grads, (_, logits) = torch.func.grad_and_value(query_loss, has_aux=True)(params)
+        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
         return grads, metrics_dict(episodes.num_tasks, logits, episodes.query_y)
 
     def _adapt_and_predict(

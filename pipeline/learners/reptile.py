@@ -32,6 +32,7 @@ from pipeline.learners.base import (
     BNMode,
     Learner,
     Params,
+    grad,
     loss_sum,
     metrics_dict,
     predict,
@@ -85,7 +86,7 @@ def inner_train(
     v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
     beta1, beta2 = cfg.adam_betas
     for i in range(1, steps + 1):
-        grads = torch.func.grad(lambda th: loss_sum(net(th, x), y))(theta)
+        grads = grad(lambda th: loss_sum(net(th, x), y))(theta)
         if cfg.inner_optimizer == "sgd":
             theta = {k: theta[k] - cfg.inner_lr * grads[k] for k in theta}
             continue
