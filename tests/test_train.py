@@ -27,7 +27,9 @@ def _images(store, cfg):
 )
 def test_loss_falls_on_real_omniglot(omniglot_store, tmp_path, learner, extra):
     torch.set_num_threads(2)
-    cfg = config_for(learner, overrides=["hidden=16", "meta_batch=8", "queries=3", "val_episodes=4",
+    cfg = config_for(learner, overrides=["hidden=16", "meta_batch=8", "ways=5", "queries=3",
+                                         "augment_rotate_deg=0", "augment_translate=0",
+                                         "augment_scale=0", "val_episodes=4",
                                          "val_ways=5", "val_every=1000", "lr_schedule=constant", "meta_lr=0.003",
                                          "rotations=false", *extra], steps=40)
     trainer = Trainer(cfg, _images(omniglot_store, cfg), tmp_path, log_tensorboard=False)
