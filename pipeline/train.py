@@ -343,7 +343,10 @@ class Trainer:
         step = start
         try:
             if start == 0 and self.val_specs is not None:
-                best_val = self._validate(meta, 0, history, writer, best_val, force_save=False)
+                # The untrained score is logged for the learning curve but is no "best": the best
+                # checkpoint is always one that was saved.
+                self._validate(meta, 0, history, writer, None)
+                self._new_best = False
             while step < meta.total_steps:
                 if budget and elapsed_before + self._clock() - t0 > budget:
                     break
@@ -401,7 +404,7 @@ class Trainer:
         return max(step + 1, step + int(remaining / (sec_per_step + val_cost)))
 
     def _validate(self, meta: MetaOptimizer, step: int, history: list[dict[str, Any]], writer,
-                  best_val: float | None, force_save: bool = True) -> float | None:
+                  best_val: float | None) -> float | None:
         t = self._clock()
         acc = evaluate_params(self.learner, meta.params, self.data, self.val_specs,
                               bn_mode=self.config.bn_mode)
