@@ -31,6 +31,7 @@ POOLS = {"ways": 5, "episodes": 4}
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """A temporary Prefect server and database; results and caches in a temporary PREFECT_HOME."""
+    from prefect.events.worker import EventsWorker
     from prefect.settings import (
         PREFECT_HOME,
         PREFECT_RESULTS_LOCAL_STORAGE_PATH,
@@ -38,6 +39,9 @@ def prefect_api(tmp_path_factory):
     )
     from prefect.testing.utilities import prefect_test_harness
 
+    # An events worker left by an earlier module still points at that module's (stopped) server;
+    # stopping it here makes the next event open a fresh one against this harness.
+    EventsWorker.drain_all(timeout=5)
     home = tmp_path_factory.mktemp("prefect-home")
     updates = {PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}
     with temporary_settings(updates=updates), prefect_test_harness(server_startup_timeout=120):
