@@ -68,9 +68,16 @@ def bench_one(name: str, args: argparse.Namespace, episodes: Episodes) -> dict[s
         hidden=args.hidden,
         backend=args.backend,
         max_tasks_per_call=args.chunk,
+        precision=args.precision,
     )
     params = learner.init_params()
-    runs = {"batched": learner.meta_gradient, "naive": learner.reference_meta_gradient}
+
+    def naive(params: dict, episodes: Episodes) -> object:
+        # bfloat16: the naive loop gets the same mixed precision the usual way, by autocast
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bfloat16"):
+            return learner.reference_meta_gradient(params, episodes)
+
+    runs = {"batched": learner.meta_gradient, "naive": naive}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.warmup + args.iters):
         for kind, fn in runs.items():
@@ -123,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="max_tasks_per_call: auto (16 on CPU), none, or a number",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: mixed-precision convolutions on both paths (batched: the learner's "
+        "precision; naive: torch.autocast)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of a table"
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "image": [args.channels, args.image_size, args.image_size],
         "hidden": args.hidden,
         "threads": args.threads,
+        "precision": args.precision,
         "chunk": args.chunk,
         "iters": args.iters,
         "torch": torch.__version__,

@@ -105,6 +105,10 @@ class TrainConfig:
     """Seed for episodes, augmentation and initialisation: same seed, same run."""
     num_threads: int = 0
     """torch CPU threads; 0 lets torch decide."""
+    precision: str = "auto"
+    """Convolution arithmetic: float32, bfloat16 (mixed precision: bfloat16 convolutions and
+    activations, float32 parameters, statistics and loss), or auto (bfloat16 where the device
+    has native bfloat16 matrix units: CPUs with AMX or AVX512-BF16, CUDA GPUs from Ampere on)."""
 
     # --- evaluation and bookkeeping -------------------------------------------
     val_every: int = 100
@@ -130,6 +134,8 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
             (self.sampling in ("within", "unstructured"), "sampling", "within or unstructured"),
             (self.budget_clock in ("wall", "cpu"), "budget_clock", "wall or cpu"),
+            (self.precision in ("auto", "float32", "bfloat16"), "precision",
+             "auto, float32 or bfloat16"),
             (self.val_sampling in ("within", "unstructured"), "val_sampling", "within or unstructured"),
             (self.bn_mode in ("transductive", "per_image", "support"), "bn_mode",
              "transductive, per_image or support"),

@@ -196,7 +196,15 @@ class GroupedConv4:
 
     Equal (to float rounding) to `functional_call(Conv4, params[t], x[t])` for every task t.
     Differentiable to any order (second-order MAML), also under `torch.func.grad`.
+
+    `compute_dtype=torch.bfloat16` is mixed precision: convolutions (forward and every
+    backward) and the activations between them run in bfloat16, while parameters, BatchNorm
+    statistics, the affine maps, the head and the loss stay float32. On CPUs with AMX (and on
+    recent GPUs) this makes the convolutions, most of the work, several times faster.
     """
+
+    def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
+        self.compute_dtype = compute_dtype
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor, *, norm: Norm = "batch") -> Tensor:
         return self._run(params, x, norm, None)
@@ -206,16 +214,23 @@ class GroupedConv4:
         self._run(params, x, "batch", stats)
         return stats
 
-    @staticmethod
-    def _run(params: Mapping[str, Tensor], x: Tensor, norm: Norm, record: BNStats | None) -> Tensor:
+    def _run(
+        self, params: Mapping[str, Tensor], x: Tensor, norm: Norm, record: BNStats | None
+    ) -> Tensor:
         t, n = x.shape[:2]
+        low = self.compute_dtype
         h = x.transpose(0, 1).reshape(n, t * x.shape[2], *x.shape[3:])
-        h = h.contiguous(memory_format=torch.channels_last)
+        # Explicit channels_last strides: with one channel in all (a grey image, one task) the
+        # usual .contiguous(channels_last) is a no-op, oneDNN then writes the first conv's
+        # output as NCHW, and pooling it is ~4x slower.
+        h = torch.empty(h.shape, dtype=low or h.dtype, memory_format=torch.channels_last).copy_(h)
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
             # channels_last weights: what oneDNN converts them to for channels_last activations
             # anyway (once here rather than inside every convolution and its backward).
             w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+            if low is not None:
+                h, w = h.to(low), w.to(low)  # no-ops where already low
             h = _Conv3x3.apply(h, w, t)
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
@@ -224,12 +239,13 @@ class GroupedConv4:
                     # patch moments are cheaper only when 9*C_in << hidden (Omniglot: 9 vs 64)
                     mean, var = _first_layer_stats(x, params["blocks.0.conv.weight"])
                 else:
-                    mean, var = _MeanVar.apply(h)
+                    mean, var = (s.to(x.dtype) for s in _MeanVar.apply(h))
                 if record is not None:
                     record.append((mean.view(t, -1), var.view(t, -1)))
             elif norm == "image":
-                mean = h.mean((2, 3), keepdim=True)
-                var = (h - mean).square().mean((2, 3), keepdim=True)
+                hf = h.to(x.dtype)
+                mean = hf.mean((2, 3), keepdim=True)
+                var = (hf - mean).square().mean((2, 3), keepdim=True)
             else:
                 mean, var = (s.reshape(-1) for s in norm[i])
             if mean.dim() == 1:
@@ -278,16 +294,25 @@ def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def task_net(model: nn.Module, backend: Literal["grouped", "vmap"] = "grouped") -> TaskNet:
-    """The task-batched form of `model`: `GroupedConv4` for a `Conv4` unless backend="vmap"."""
+def task_net(
+    model: nn.Module,
+    backend: Literal["grouped", "vmap"] = "grouped",
+    compute_dtype: torch.dtype | None = None,
+) -> TaskNet:
+    """The task-batched form of `model`: `GroupedConv4` for a `Conv4` unless backend="vmap".
+
+    `compute_dtype`: bfloat16 for mixed-precision convolutions (`GroupedConv4` only).
+    """
     if backend == "grouped":
         if not isinstance(model, Conv4):
             raise ValueError(
                 f"task_net: backend='grouped' needs a Conv4, got {type(model).__name__}; "
                 "use backend='vmap'"
             )
-        return GroupedConv4()
+        return GroupedConv4(compute_dtype)
     if backend == "vmap":
+        if compute_dtype is not None:
+            raise ValueError("task_net: compute_dtype needs backend='grouped'")
         return VmapNet(model)
     raise ValueError(f"task_net: backend must be 'grouped' or 'vmap', got {backend!r}")
 
@@ -397,7 +422,32 @@ class _MeanVar(Function):
         m = h.numel() // h.shape[1]
         c = gv * (2.0 / m)
         offset = (gm / m - c * mean).view(1, -1, 1, 1)
-        return torch.addcmul(offset, h, c.view(1, -1, 1, 1))
+        return torch.addcmul(offset, h, c.view(1, -1, 1, 1)).to(h.dtype)
+
+
+def native_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (CPU: AMX or AVX512-BF16;
+    CUDA: compute capability 8.0 or newer). Elsewhere bfloat16 is emulated, and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:  # older torch: no probe, so no claim
+            return False
+    return False
+
+
+def resolve_precision(
+    precision: str, device: torch.device | str = "cpu"
+) -> Literal["float32", "bfloat16"]:
+    """"auto" -> "bfloat16" where `native_bfloat16(device)`, else "float32"; others unchanged."""
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    if precision in ("float32", "bfloat16"):
+        return precision  # type: ignore[return-value]
+    raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .learners import (
     ReptileConfig,
     make_learner,
 )
-from .models import conv4, flatten_params, params_of, unflatten_params
+from .models import conv4, flatten_params, params_of, resolve_precision, unflatten_params
 from .tasks import (
     DomainSplit,
     EpisodeSampler,
@@ -156,9 +156,15 @@ def learner_config(config: TrainConfig) -> LearnerConfig:
     )
 
 
-def build_learner(config: TrainConfig) -> Learner:
-    """The learner named by the config, with its inner-loop settings and the config's network."""
-    return make_learner(config.learner, learner_config(config), model=build_model(config))
+def build_learner(config: TrainConfig, device: torch.device | str = "cpu") -> Learner:
+    """The learner named by the config, with its inner-loop settings, the config's network and
+    its precision (auto resolved for `device`, where its episodes will live)."""
+    return make_learner(
+        config.learner,
+        learner_config(config),
+        model=build_model(config),
+        precision=resolve_precision(config.precision, device),
+    )
 
 
 def initial_params(config: TrainConfig) -> Params:
@@ -498,7 +504,8 @@ def check_compatible(ckpt: Checkpoint, config: TrainConfig, data_version: str) -
     saved = ckpt.manifest.get("config", {})
     mine = config.to_dict()
     ignore = {"steps", "minutes", "budget_clock", "val_every", "checkpoint_every", "keep_last", "num_threads"}
-    diff = sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+    default = TrainConfig().to_dict()  # a field added since the checkpoint had its default
+    diff = sorted(k for k in mine if k not in ignore and saved.get(k, default[k]) != mine[k])
     if diff:
         raise ConfigError(
             f"cannot resume from {ckpt.path}: config fields {diff} differ from the checkpoint's; "

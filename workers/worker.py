@@ -135,7 +135,7 @@ class AdaptationWorker:
         """
         self.config = TrainConfig.from_dict(config)
         self.data = TrainingData.build(self.images, self.config, DomainSplit.from_dict(split))
-        self.learner = build_learner(self.config)
+        self.learner = build_learner(self.config, self.device)
         self.template = param_template(self.config)
         self.run_key = make_run_key(config, split)
         return self.run_key

@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline.learners.base import BN_MODES, METRICS, BNMode, Learner
+from pipeline.learners.base import BN_MODES, METRICS, PRECISIONS, BNMode, Learner, Precision
 from pipeline.learners.fomaml import FOMAML
 from pipeline.learners.maml import MAML, MAMLConfig
 from pipeline.learners.protonet import ProtoNet, ProtoNetConfig
@@ -44,13 +44,14 @@ def make_learner(
     hidden: int = 64,
     backend: Literal["grouped", "vmap"] = "grouped",
     max_tasks_per_call: int | Literal["auto"] | None = "auto",
+    precision: Precision = "float32",
 ) -> Learner:
     """The learner called `name` ("reptile", "fomaml", "maml", "protonet").
 
     `config`: that learner's config (`LEARNERS[name][1]`; default: its defaults). `model`:
     the network (default: `conv4(in_channels, ways, hidden, image_size)`, without head for
-    "protonet"; build it under a torch seed for reproducible initial weights). `backend` and
-    `max_tasks_per_call`: see `Learner.__init__`.
+    "protonet"; build it under a torch seed for reproducible initial weights). `backend`,
+    `max_tasks_per_call` and `precision`: see `Learner.__init__`.
     """
     if name not in LEARNERS:
         raise ValueError(
@@ -65,7 +66,9 @@ def make_learner(
         )
     if model is None:
         model = conv4(in_channels, None if name == "protonet" else ways, hidden, image_size)
-    return cls(model, config, backend=backend, max_tasks_per_call=max_tasks_per_call)
+    return cls(
+        model, config, backend=backend, max_tasks_per_call=max_tasks_per_call, precision=precision
+    )
 
 
 __all__ = [
@@ -74,10 +77,12 @@ __all__ = [
     "LEARNERS",
     "MAML",
     "METRICS",
+    "PRECISIONS",
     "BNMode",
     "Learner",
     "LearnerConfig",
     "MAMLConfig",
+    "Precision",
     "ProtoNet",
     "ProtoNetConfig",
     "Reptile",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pipeline.allocator import keep_large_allocations
 from pipeline.episodes import Episodes
 from pipeline.models import Norm, TaskNet, expand_params, params_of, task_net
 
@@ -40,6 +41,8 @@ BNMode = Literal["transductive", "per_image", "support"]
 "support": statistics of the task's support set, reused for every query image, so a query
 prediction does not depend on the other query images."""
 BN_MODES: tuple[BNMode, ...] = ("transductive", "per_image", "support")
+Precision = Literal["float32", "bfloat16"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16")
 
 METRICS = ("tasks", "loss", "accuracy", "loss_before", "accuracy_before")
 """Keys of the metrics dict, each a SUM over tasks: "tasks" (T); "loss" and "accuracy": mean
@@ -69,16 +72,26 @@ class Learner(ABC):
         *,
         backend: Literal["grouped", "vmap"] = "grouped",
         max_tasks_per_call: int | Literal["auto"] | None = "auto",
+        precision: Precision = "float32",
     ) -> None:
         """`backend`: how tasks are batched (`pipeline.models.task_net`).
+
+        `precision`: "bfloat16" runs the convolutions of the batched path in bfloat16 (mixed
+        precision, `pipeline.models.GroupedConv4`); the reference loops always run in the
+        parameters' dtype.
 
         `max_tasks_per_call`: larger meta-batches run in chunks of that many tasks (results
         summed; same numbers up to float rounding). Bounds memory. None: never chunk. "auto":
         `CPU_CHUNK_BYTES` decides on CPU, no chunking elsewhere.
         """
+        keep_large_allocations()  # activations are tens of MiB: reuse them, don't re-fault
         self.model = model
         self.config = config
-        self.net: TaskNet = task_net(model, backend)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        low = torch.bfloat16 if precision == "bfloat16" else None
+        self.net: TaskNet = task_net(model, backend, low)
         self.max_tasks_per_call = max_tasks_per_call
 
     def init_params(self) -> Params:
