@@ -38,6 +38,9 @@ class TrainConfig:
     """Inner-loop optimiser for Reptile: sgd or adam (MAML variants always use SGD)."""
     eval_inner_steps: int = 3
     """Fine-tuning steps on the support set at evaluation (MAML family and Reptile)."""
+    zero_head: bool = False
+    """MAML family and Reptile: start every task's adaptation from a zero linear head (Kao et al.
+    2022's zeroing trick) instead of a meta-learned one."""
     temperature: float = 1.0
     """ProtoNets: logits are -squared distance / temperature."""
     bn_mode: str = "transductive"

@@ -118,7 +118,7 @@ def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries:
                   episodes: int = 600, seed: int = 0, bn_mode: str | None = None,
                   mode: str | None = None) -> Accuracy:
     """N-way K-shot accuracy with a 95% CI on the domains the model never trained on."""
-    from .train import TrainingData, evaluate_params
+    from .train import eval_specs, evaluate_params
 
     cfg = model.config
     domains = model.split.test or model.split.val
@@ -126,7 +126,6 @@ def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries:
         raise ConfigError(f"{model.path} was trained with no held-out domains (val_domains=test_domains=0)")
     images = store.load_images(list(domains), image_size=cfg.image_size, channels=cfg.channels,
                                invert=cfg.invert)
-    data = TrainingData(images, model.split, None, cfg)  # type: ignore[arg-type]
-    specs = data.eval_specs(domains, ways=ways, shots=shots, queries=queries, episodes=episodes,
-                            seed=seed, mode=mode)
-    return evaluate_params(model.learner, model.params, data, specs, bn_mode=bn_mode or cfg.bn_mode)
+    specs = eval_specs(images, domains, ways=ways, shots=shots, queries=queries, episodes=episodes,
+                       seed=seed, mode=mode or cfg.val_sampling)
+    return evaluate_params(model.learner, model.params, images, specs, bn_mode=bn_mode or cfg.bn_mode)

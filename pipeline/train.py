@@ -95,19 +95,15 @@ class TrainingData:
             episodes = _augment(episodes, specs.task_ids, step, cfg)
         return episodes
 
-    def eval_specs(self, domains: tuple[str, ...], *, ways: int, shots: int, queries: int,
-                   episodes: int, seed: int, mode: str | None = None) -> EpisodeSpecs:
-        """Fixed evaluation episodes on `domains` (no rotations: real characters only)."""
-        sampler = EpisodeSampler(
-            self.images,
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            domains=domains,
-            mode=mode or self.config.val_sampling,
-            rotations=False,
-        )
-        return sampler.sample(episodes, seed=seed)
+
+
+def eval_specs(images: ImageSet, domains: tuple[str, ...], *, ways: int, shots: int, queries: int,
+               episodes: int, seed: int, mode: str) -> EpisodeSpecs:
+    """Fixed evaluation episodes on `domains` (no rotations: real characters only)."""
+    sampler = EpisodeSampler(
+        images, ways=ways, shots=shots, queries=queries, domains=domains, mode=mode, rotations=False
+    )
+    return sampler.sample(episodes, seed=seed)
 
 
 def _augment(episodes: Episodes, task_ids: np.ndarray, step: int, cfg: TrainConfig) -> Episodes:
@@ -148,11 +144,13 @@ def learner_config(config: TrainConfig) -> LearnerConfig:
             inner_steps=config.inner_steps,
             eval_inner_steps=config.eval_inner_steps,
             inner_optimizer=config.inner_optimizer,
+            zero_head=config.zero_head,
         )
     return MAMLConfig(
         inner_lr=config.inner_lr,
         inner_steps=config.inner_steps,
         eval_inner_steps=config.eval_inner_steps,
+        zero_head=config.zero_head,
     )
 
 
@@ -233,7 +231,7 @@ class MetaOptimizer:
 # --- evaluation during training ---------------------------------------------------------------
 
 
-def evaluate_params(learner, params: Params, data: TrainingData, specs: EpisodeSpecs, *,
+def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpecs, *,
                     bn_mode: str, batch_size: int = 16) -> Accuracy:
     """Accuracy of `params` on fixed episodes, fine-tuning per the learner."""
 
@@ -249,7 +247,7 @@ def evaluate_params(learner, params: Params, data: TrainingData, specs: EpisodeS
         # outputs pushed down by the loss; only the episode's classes can be predicted.
         return learner.adapt_and_predict(params, episodes, bn_mode=bn_mode)[..., : episodes.ways]
 
-    return evaluate_episodes(predict, data.images, specs, batch_size=batch_size, bn_mode=bn_mode)
+    return evaluate_episodes(predict, images, specs, batch_size=batch_size, bn_mode=bn_mode)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -300,6 +298,8 @@ class Trainer:
         self.log_tensorboard = log_tensorboard
         self.init_params = init_params
         self.val_specs = validation_specs(self.data)
+        self._new_best = False  # the last validation beat the best so far: save as best
+        self._val_seconds = 0.0  # the last validation's duration, for the budget's step count
 
     # Checkpoint payload and manifest.
     def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -405,14 +405,14 @@ class Trainer:
     def _steps_for_budget(self, step: int, elapsed: float, sec_per_step: float) -> int:
         """Total steps that fit the time budget, counting validation time per step."""
         cfg = self.config
-        val_cost = getattr(self, "_val_seconds", 0.0) / cfg.val_every
+        val_cost = self._val_seconds / cfg.val_every
         remaining = cfg.minutes * 60.0 - elapsed
         return max(step + 1, step + int(remaining / (sec_per_step + val_cost)))
 
     def _validate(self, meta: MetaOptimizer, step: int, history: list[dict[str, Any]], writer,
                   best_val: float | None) -> float | None:
         t = self._clock()
-        acc = evaluate_params(self.learner, meta.params, self.data, self.val_specs,
+        acc = evaluate_params(self.learner, meta.params, self.data.images, self.val_specs,
                               bn_mode=self.config.bn_mode)
         self._val_seconds = self._clock() - t
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
@@ -431,8 +431,7 @@ class Trainer:
         state = checkpoint_state(meta, best_val, elapsed)
         manifest = self._manifest(step, {**metrics, "best_val": best_val})
         manifest["total_steps"] = meta.total_steps
-        is_best = getattr(self, "_new_best", False)
-        self._new_best = False
+        is_best, self._new_best = self._new_best, False
         return self.checkpoints.save(step, state, manifest, best=is_best)
 
     def _check_compatible(self, ckpt: Checkpoint) -> None:
@@ -471,9 +470,9 @@ def validation_specs(data: TrainingData) -> EpisodeSpecs | None:
     cfg = data.config
     if not data.split.val:
         return None
-    return data.eval_specs(
-        data.split.val, ways=cfg.val_ways, shots=cfg.val_shots, queries=5,
-        episodes=cfg.val_episodes, seed=step_seed(cfg.seed, 0, 7),
+    return eval_specs(
+        data.images, data.split.val, ways=cfg.val_ways, shots=cfg.val_shots, queries=5,
+        episodes=cfg.val_episodes, seed=step_seed(cfg.seed, 0, 7), mode=cfg.val_sampling,
     )
 
 

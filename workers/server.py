@@ -342,7 +342,8 @@ class ParameterServer:
 
     def _validate(self, step: int, log: bool = True) -> float:
         acc = evaluate_params(
-            self.learner, self.meta.params, self.data, self.val_specs, bn_mode=self.config.bn_mode
+            self.learner, self.meta.params, self.data.images, self.val_specs,
+            bn_mode=self.config.bn_mode,
         )
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         self.history.append(record)

@@ -292,6 +292,31 @@ def shared(params: Mapping[str, Tensor], tasks: int) -> Params:
     return expand_params(params, tasks)
 
 
+HEAD = ("head.weight", "head.bias")
+"""Names of the linear head's parameters (absent for ProtoNets' embedding network)."""
+
+
+def task_start(params: Mapping[str, Tensor], tasks: int, zero_head: bool) -> Params:
+    """Each of `tasks` tasks' starting parameters: the meta-parameters (views, no copy), with
+    the linear head at zero when `zero_head` (Kao et al. 2022's "zeroing trick").
+
+    A zero head carries no label permutation from task to task, and one inner SGD step on it
+    gives class-mean features as class weights. The zeroed head stays in the autograd graph
+    (times 0), so its meta-gradient is exactly zero rather than missing.
+    """
+    theta = shared(params, tasks)
+    if zero_head:
+        for k in HEAD:
+            if k in theta:
+                theta[k] = theta[k] * 0.0
+    return theta
+
+
+def reference_start(params: Mapping[str, Tensor], zero_head: bool) -> Params:
+    """One task's starting parameters (learn2learn's `clone()`), head zeroed as `task_start`."""
+    return {k: v * 0.0 if zero_head and k in HEAD else v.clone() for k, v in params.items()}
+
+
 def check_bn_mode(bn_mode: str) -> None:
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pipeline.episodes import Episodes
 from pipeline.learners.base import (
+    HEAD,
     Params,
     add_into,
     grad_and_value,
@@ -22,8 +23,9 @@ from pipeline.learners.base import (
     reference_forward,
     reference_metrics,
     reference_sgd,
+    reference_start,
     sgd_adapt,
-    shared,
+    task_start,
     zeros_like,
 )
 from pipeline.learners.maml import MAML, MAMLConfig
@@ -37,7 +39,7 @@ class FOMAML(MAML):
 
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
-        theta0 = shared(params, ep.num_tasks)
+        theta0 = task_start(params, ep.num_tasks, cfg.zero_head)
         theta = sgd_adapt(
             net, theta0, ep.support_x, ep.support_y, lr=cfg.inner_lr, steps=cfg.inner_steps
         )
@@ -49,6 +51,8 @@ class FOMAML(MAML):
         grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(theta)
         with torch.no_grad():
             before = net(theta0, ep.query_x)
+        if cfg.zero_head:  # the head's start does not depend on the meta-parameters
+            grads = {k: g.zero_() if k in HEAD else g for k, g in grads.items()}
         return {k: g.sum(0) for k, g in grads.items()}, metrics_dict(
             ep.num_tasks, logits, ep.query_y, before
         )
@@ -60,7 +64,8 @@ class FOMAML(MAML):
         total = zeros_like(params)
         logits, before = [], []
         for t in range(ep.num_tasks):
-            p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+            p = reference_start(params, cfg.zero_head)
+            p = {k: v.detach().requires_grad_() for k, v in p.items()}
             p = reference_sgd(
                 self.model,
                 p,
@@ -73,8 +78,10 @@ class FOMAML(MAML):
             p = {k: v.detach().requires_grad_() for k, v in p.items()}
             out = reference_forward(self.model, p, ep.query_x[t])
             loss = torch.nn.functional.cross_entropy(out, ep.query_y[t])
-            add_into(total, torch.autograd.grad(loss, list(p.values())))
+            g = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
+            add_into(total, {k: v * 0.0 if cfg.zero_head and k in HEAD else v for k, v in g.items()})
             logits.append(out.detach())
             with torch.no_grad():
-                before.append(reference_forward(self.model, params, ep.query_x[t]))
+                start = reference_start(params, cfg.zero_head)
+                before.append(reference_forward(self.model, start, ep.query_x[t]))
         return total, reference_metrics(logits, ep.query_y, before)

@@ -29,8 +29,9 @@ from pipeline.learners.base import (
     reference_metrics,
     reference_predict,
     reference_sgd,
+    reference_start,
     sgd_adapt,
-    shared,
+    task_start,
     zeros_like,
 )
 
@@ -45,6 +46,10 @@ class MAMLConfig:
     """SGD steps on the support set during meta-training."""
     eval_inner_steps: int = 3
     """SGD steps on the support set in `adapt_and_predict` (unless `steps` is given)."""
+    zero_head: bool = False
+    """Start every task from a zero linear head (Kao et al. 2022, "MAML is a Noisy Contrastive
+    Learner"): the head stops memorising a label order, and the first inner step sets each
+    class's weights to (a multiple of) its mean support feature. Meta-learns the body only."""
     first_order: bool = False
     """MAML only: drop the second-order terms (treat inner gradients as constants). The
     result equals FOMAML's; the "fomaml" learner computes it faster (no graph through the inner
@@ -63,7 +68,7 @@ class MAML(Learner):
         def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
             theta = sgd_adapt(
                 net,
-                shared(phi, ep.num_tasks),
+                task_start(phi, ep.num_tasks, cfg.zero_head),
                 ep.support_x,
                 ep.support_y,
                 lr=cfg.inner_lr,
@@ -75,7 +80,7 @@ class MAML(Learner):
 
         grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
         with torch.no_grad():
-            before = net(shared(params, ep.num_tasks), ep.query_x)
+            before = net(task_start(params, ep.num_tasks, cfg.zero_head), ep.query_x)
         return grads, metrics_dict(ep.num_tasks, logits, ep.query_y, before)
 
     def _adapt_and_predict(
@@ -84,7 +89,7 @@ class MAML(Learner):
         steps = self.config.eval_inner_steps if steps is None else steps
         theta = sgd_adapt(
             self.net,
-            shared(params, episodes.num_tasks),
+            task_start(params, episodes.num_tasks, self.config.zero_head),
             episodes.support_x,
             episodes.support_y,
             lr=self.config.inner_lr,
@@ -101,7 +106,7 @@ class MAML(Learner):
         total = zeros_like(phi)
         logits, before = [], []
         for t in range(ep.num_tasks):
-            p = {k: v.clone() for k, v in phi.items()}  # learn2learn's clone()
+            p = reference_start(phi, cfg.zero_head)  # learn2learn's clone()
             p = reference_sgd(
                 self.model,
                 p,
@@ -116,7 +121,8 @@ class MAML(Learner):
             add_into(total, torch.autograd.grad(loss, list(phi.values())))
             logits.append(out.detach())
             with torch.no_grad():
-                before.append(reference_forward(self.model, phi, ep.query_x[t]))
+                start = reference_start(phi, cfg.zero_head)
+                before.append(reference_forward(self.model, start, ep.query_x[t]))
         return total, reference_metrics(logits, ep.query_y, before)
 
     def reference_adapt_and_predict(
@@ -130,7 +136,8 @@ class MAML(Learner):
         steps = self.config.eval_inner_steps if steps is None else steps
         out = []
         for t in range(episodes.num_tasks):
-            p = {k: v.detach().requires_grad_() for k, v in params.items()}
+            p = reference_start(params, self.config.zero_head)
+            p = {k: v.detach().requires_grad_() for k, v in p.items()}
             p = reference_sgd(
                 self.model,
                 p,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from pipeline.episodes import Episodes
 from pipeline.learners.base import (
+    HEAD,
     BNMode,
     Learner,
     Params,
@@ -39,7 +40,8 @@ from pipeline.learners.base import (
     reference_forward,
     reference_metrics,
     reference_predict,
-    shared,
+    reference_start,
+    task_start,
     zeros_like,
 )
 from pipeline.models import TaskNet
@@ -61,6 +63,9 @@ class ReptileConfig:
     """Inner Adam's (beta1, beta2); supervised-reptile uses beta1 = 0."""
     adam_eps: float = 1e-8
     """Inner Adam's epsilon (added to sqrt of the bias-corrected second moment)."""
+    zero_head: bool = False
+    """Start every task from a zero linear head (as `MAMLConfig.zero_head`); the head then
+    gets no meta-update."""
     train_on_query: bool = True
     """Meta-training inner loop uses support AND query images (True) or the support set only."""
 
@@ -116,10 +121,16 @@ class Reptile(Learner):
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
         x, y = self._inner_data(ep)
-        theta = inner_train(net, shared(params, ep.num_tasks), x, y, cfg, cfg.inner_steps)
-        grads = {k: ep.num_tasks * params[k] - theta[k].sum(0) for k in params}
+        start = task_start(params, ep.num_tasks, cfg.zero_head)
+        theta = inner_train(net, start, x, y, cfg, cfg.inner_steps)
+        grads = {
+            k: torch.zeros_like(params[k])
+            if cfg.zero_head and k in HEAD
+            else ep.num_tasks * params[k] - theta[k].sum(0)
+            for k in params
+        }
         with torch.no_grad():
-            before = net(shared(params, ep.num_tasks), ep.query_x)
+            before = net(start, ep.query_x)
             after = net(theta, ep.query_x)
         return grads, metrics_dict(ep.num_tasks, after, ep.query_y, before)
 
@@ -128,9 +139,8 @@ class Reptile(Learner):
     ) -> Tensor:
         steps = self.config.eval_inner_steps if steps is None else steps
         ep = episodes
-        theta = inner_train(
-            self.net, shared(params, ep.num_tasks), ep.support_x, ep.support_y, self.config, steps
-        )
+        start = task_start(params, ep.num_tasks, self.config.zero_head)
+        theta = inner_train(self.net, start, ep.support_x, ep.support_y, self.config, steps)
         with torch.no_grad():
             return predict(self.net, theta, ep, bn_mode)
 
@@ -139,7 +149,7 @@ class Reptile(Learner):
     ) -> Params:
         """One task, hand-written SGD / Adam (same formulas as torch.optim's)."""
         cfg = self.config
-        p = {k: v.detach().clone() for k, v in params.items()}
+        p = {k: v.detach() for k, v in reference_start(params, cfg.zero_head).items()}
         m, v2 = zeros_like(p), zeros_like(p)
         beta1, beta2 = cfg.adam_betas
         for i in range(1, steps + 1):
@@ -167,10 +177,12 @@ class Reptile(Learner):
         for t in range(ep.num_tasks):
             theta = self._reference_train(params, x_all[t], y_all[t], self.config.inner_steps)
             for k in total:
-                total[k] += params[k].detach() - theta[k]
+                if not (self.config.zero_head and k in HEAD):
+                    total[k] += params[k].detach() - theta[k]
             with torch.no_grad():
+                start = reference_start(params, self.config.zero_head)
                 after.append(reference_forward(self.model, theta, ep.query_x[t]))
-                before.append(reference_forward(self.model, params, ep.query_x[t]))
+                before.append(reference_forward(self.model, start, ep.query_x[t]))
         return total, reference_metrics(after, ep.query_y, before)
 
     def reference_adapt_and_predict(
