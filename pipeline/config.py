@@ -43,6 +43,10 @@ class TrainConfig:
     2022's zeroing trick) instead of a meta-learned one."""
     temperature: float = 1.0
     """ProtoNets: logits are -squared distance / temperature."""
+    eval_views: int = 1
+    """Test-time augmentation: log-probabilities averaged over this many views of each
+    evaluation episode (the episode itself, plus random affine copies of its support and query
+    images within the augment_* limits). 1 disables."""
     bn_mode: str = "transductive"
     """BatchNorm statistics at evaluation: transductive (whole query set), per_image, or support."""
 
@@ -65,6 +69,8 @@ class TrainConfig:
     """Max random translation as a fraction of the image side; 0 disables."""
     augment_scale: float = 0.0
     """Max random relative zoom (0.1 = 0.9x to 1.1x); 0 disables."""
+    augment_shear: float = 0.0
+    """Max random horizontal shear, a slant (0.3: x moves by up to 0.3 y); 0 disables."""
 
     # --- data ----------------------------------------------------------------
     image_size: int = 28
@@ -146,6 +152,7 @@ class TrainConfig:
             (self.shots >= 1, "shots", "at least 1"),
             (self.queries >= 1, "queries", "at least 1"),
             (self.meta_batch >= 1, "meta_batch", "at least 1"),
+            (self.eval_views >= 1, "eval_views", "at least 1"),
             (self.steps >= 1, "steps", "at least 1"),
             (self.minutes >= 0, "minutes", ">= 0"),
             (self.inner_steps >= 0, "inner_steps", ">= 0"),

@@ -102,12 +102,15 @@ def run_episode(run: OneShotRun) -> Episodes:
 def score_oneshot(model: TrainedModel, run_dirs: Sequence[Path], *,
                   bn_mode: str | None = None) -> RunScores:
     """Error of the model on each one-shot run, fine-tuning on the run's 20 training images."""
+    from .train import augment_ranges, predict_views
+
     cfg = model.config
     learner = model.learner
     mode = bn_mode or cfg.bn_mode
 
     def classify(run: OneShotRun) -> np.ndarray:
-        logits = learner.adapt_and_predict(model.params, run_episode(run), bn_mode=mode)
+        logits = predict_views(learner, model.params, run_episode(run), bn_mode=mode,
+                               views=cfg.eval_views, augment=augment_ranges(cfg))
         return logits[0].argmax(-1).numpy()
 
     runs = (read_run(d, image_size=cfg.image_size) for d in run_dirs)
@@ -118,7 +121,7 @@ def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries:
                   episodes: int = 600, seed: int = 0, bn_mode: str | None = None,
                   mode: str | None = None) -> Accuracy:
     """N-way K-shot accuracy with a 95% CI on the domains the model never trained on."""
-    from .train import eval_specs, evaluate_params
+    from .train import augment_ranges, eval_specs, evaluate_params
 
     cfg = model.config
     domains = model.split.test or model.split.val
@@ -128,4 +131,5 @@ def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries:
                                invert=cfg.invert)
     specs = eval_specs(images, domains, ways=ways, shots=shots, queries=queries, episodes=episodes,
                        seed=seed, mode=mode or cfg.val_sampling)
-    return evaluate_params(model.learner, model.params, images, specs, bn_mode=bn_mode or cfg.bn_mode)
+    return evaluate_params(model.learner, model.params, images, specs, bn_mode=bn_mode or cfg.bn_mode,
+                           views=cfg.eval_views, augment=augment_ranges(cfg))

@@ -641,16 +641,18 @@ def affine_augment(
     max_rotate_deg: float = 0.0,
     max_translate: float = 0.0,
     max_scale: float = 0.0,
+    max_shear: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """`x` [..., C, H, W] with an independent small random affine transform per image.
 
-    Each image is rotated by U(-max_rotate_deg, max_rotate_deg) degrees, scaled by
-    1 + U(-max_scale, max_scale) and shifted by U(-max_translate, max_translate) of its
-    width / height on each axis, about its centre, with bilinear sampling. Pixels from
-    outside the image are 0 (the background of inverted Omniglot). With all three limits 0
-    it returns `x` itself. Random draws come from `generator` (on its own device) so a
-    seeded generator gives the same transforms on every run.
+    Each image is sheared horizontally by U(-max_shear, max_shear) (x += shear * y: a slant),
+    rotated by U(-max_rotate_deg, max_rotate_deg) degrees, scaled by 1 + U(-max_scale,
+    max_scale) and shifted by U(-max_translate, max_translate) of its width / height on each
+    axis, about its centre, with bilinear sampling. Pixels from outside the image are 0 (the
+    background of inverted Omniglot). With all limits 0 it returns `x` itself. Random draws
+    come from `generator` (on its own device) so a seeded generator gives the same transforms
+    on every run.
     """
     import torch
     import torch.nn.functional as F
@@ -659,12 +661,13 @@ def affine_augment(
         ("max_rotate_deg", max_rotate_deg),
         ("max_translate", max_translate),
         ("max_scale", max_scale),
+        ("max_shear", max_shear),
     ):
         if value < 0:
             raise ValueError(f"{name}={value}: must be >= 0")
     if max_scale >= 1:
         raise ValueError(f"max_scale={max_scale}: must be < 1 so the scale stays positive")
-    if max_rotate_deg == 0 and max_translate == 0 and max_scale == 0:
+    if max_rotate_deg == 0 and max_translate == 0 and max_scale == 0 and max_shear == 0:
         return x
     if x.ndim < 3:
         raise ValueError(f"x must be [..., C, H, W], got shape {tuple(x.shape)}")
@@ -682,12 +685,16 @@ def affine_augment(
     scale = 1 + uniform(max_scale)
     shift_x, shift_y = 2 * uniform(max_translate), 2 * uniform(max_translate)  # [-1, 1] coords
 
+    # drawn last, and only when asked for, so shear-free transforms are unchanged by it
+    shear = uniform(max_shear) if max_shear else torch.zeros_like(angle)
+
     # affine_grid maps output to input coordinates, so use the inverse transform:
-    # input = R(-angle) / scale @ (output - shift).
+    # input = Shear(-shear) @ R(-angle) / scale @ (output - shift).
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    a, b = cos + shear * sin, sin - shear * cos  # first row of Shear(-shear) @ R(-angle) / scale
     theta = torch.stack(
         [
-            torch.stack([cos, sin, -(cos * shift_x + sin * shift_y)], dim=-1),
+            torch.stack([a, b, -(a * shift_x + b * shift_y)], dim=-1),
             torch.stack([-sin, cos, sin * shift_x - cos * shift_y], dim=-1),
         ],
         dim=1,

@@ -90,7 +90,7 @@ class TrainingData:
         """Materialise specs (any shard of a step's specs) with the step's augmentation."""
         episodes = materialize(self.images, specs, device=device)
         cfg = self.config
-        if cfg.augment_rotate_deg or cfg.augment_translate or cfg.augment_scale:
+        if any(augment_ranges(cfg).values()):
             # Seeded by step and task id so a shard augments its tasks exactly as the whole batch would.
             episodes = _augment(episodes, specs.task_ids, step, cfg)
         return episodes
@@ -110,12 +110,7 @@ def _augment(episodes: Episodes, task_ids: np.ndarray, step: int, cfg: TrainConf
     support, query = [], []
     for i, task_id in enumerate(task_ids.tolist()):
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1 + int(task_id) % (2**31)))
-        kw = dict(
-            max_rotate_deg=cfg.augment_rotate_deg,
-            max_translate=cfg.augment_translate,
-            max_scale=cfg.augment_scale,
-            generator=gen,
-        )
+        kw = dict(**augment_ranges(cfg), generator=gen)
         support.append(affine_augment(episodes.support_x[i], **kw))
         query.append(affine_augment(episodes.query_x[i], **kw))
     return Episodes(
@@ -231,9 +226,46 @@ class MetaOptimizer:
 # --- evaluation during training ---------------------------------------------------------------
 
 
+def augment_ranges(cfg: TrainConfig) -> dict[str, float]:
+    """The config's affine augmentation limits, as `affine_augment` keyword arguments."""
+    return dict(max_rotate_deg=cfg.augment_rotate_deg, max_translate=cfg.augment_translate,
+                max_scale=cfg.augment_scale, max_shear=cfg.augment_shear)
+
+
+def predict_views(learner, params: Params, episodes: Episodes, *, bn_mode: str, views: int = 1,
+                  augment: dict[str, float] | None = None, seed: int = 0) -> torch.Tensor:
+    """Query log-probabilities [T, ways*queries, ways] averaged over `views` views of the episodes.
+
+    View 0 is the episodes as given; views 1.. apply an independent random affine transform
+    (limits `augment`) to every support and query image, seeded by (`seed`, view). Each view
+    is adapted to and predicted on its own (BatchNorm sees one view's query set at a time),
+    so with `views=1` this is `learner.adapt_and_predict` up to a log-softmax.
+    """
+    if views > 1 and not any((augment or {}).values()):
+        raise ConfigError("eval_views > 1 needs augmentation limits (augment_rotate_deg, "
+                          "augment_translate, augment_scale or augment_shear) to draw views from")
+    total = None
+    for view in range(views):
+        ep = episodes
+        if view:
+            gen = torch.Generator().manual_seed(step_seed(seed, view, 2))
+            ep = Episodes(
+                affine_augment(episodes.support_x, generator=gen, **augment),  # type: ignore[arg-type]
+                episodes.support_y,
+                affine_augment(episodes.query_x, generator=gen, **augment),  # type: ignore[arg-type]
+                episodes.query_y, episodes.ways, episodes.shots, episodes.queries,
+            )
+        logp = torch.log_softmax(learner.adapt_and_predict(params, ep, bn_mode=bn_mode), -1)
+        total = logp if total is None else total + logp
+    assert total is not None
+    return total / views
+
+
 def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpecs, *,
-                    bn_mode: str, batch_size: int = 16) -> Accuracy:
-    """Accuracy of `params` on fixed episodes, fine-tuning per the learner."""
+                    bn_mode: str, batch_size: int = 16, views: int = 1,
+                    augment: dict[str, float] | None = None) -> Accuracy:
+    """Accuracy of `params` on fixed episodes, fine-tuning per the learner (and averaging
+    `views` augmented views of each episode, see `predict_views`)."""
 
     head = params.get("head.bias")
     if head is not None and specs.ways > head.numel():
@@ -242,10 +274,14 @@ def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpe
             f"--ways {head.numel()} or fewer, or train with ways={specs.ways}"
         )
 
+    batch_seeds = iter(range(1 << 62))  # each batch of episodes draws its own views
+
     def predict(episodes: Episodes) -> torch.Tensor:
         # A wider head than the episode (20-way head, 5-way episode) fine-tunes with the spare
         # outputs pushed down by the loss; only the episode's classes can be predicted.
-        return learner.adapt_and_predict(params, episodes, bn_mode=bn_mode)[..., : episodes.ways]
+        logits = predict_views(learner, params, episodes, bn_mode=bn_mode, views=views,
+                               augment=augment, seed=next(batch_seeds))
+        return logits[..., : episodes.ways]
 
     return evaluate_episodes(predict, images, specs, batch_size=batch_size, bn_mode=bn_mode)
 
@@ -413,7 +449,8 @@ class Trainer:
                   best_val: float | None) -> float | None:
         t = self._clock()
         acc = evaluate_params(self.learner, meta.params, self.data.images, self.val_specs,
-                              bn_mode=self.config.bn_mode)
+                              bn_mode=self.config.bn_mode, views=self.config.eval_views,
+                              augment=augment_ranges(self.config))
         self._val_seconds = self._clock() - t
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         history.append(record)

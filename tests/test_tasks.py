@@ -384,6 +384,30 @@ def test_affine_augment_moves_a_dot_by_the_translation():
     assert cols.abs().max() > 0.1 * 21  # and actually moves
 
 
+def test_affine_augment_shear_slants_vertical_strokes_only():
+    size = 21
+    vertical = torch.zeros(100, 1, size, size)
+    vertical[:, :, 3:18, 10] = 1.0
+    horizontal = vertical.transpose(-1, -2).contiguous()
+    kw = dict(max_shear=0.4)
+    v = affine_augment(vertical, generator=torch.Generator().manual_seed(0), **kw)
+    h = affine_augment(horizontal, generator=torch.Generator().manual_seed(0), **kw)
+    grid = torch.arange(size, dtype=torch.float32) - 10
+
+    def column_of_ink(img: torch.Tensor, row: int) -> torch.Tensor:  # centre of mass along x
+        line = img[:, 0, row]
+        return (line * grid).sum(1) / line.sum(1).clamp_min(1e-6)
+
+    slant = column_of_ink(v, 4) - column_of_ink(v, 16)  # top vs bottom of the vertical stroke
+    assert slant.abs().max() > 0.2 * 12 and slant.abs().max() <= 0.4 * 12 + 1.0
+    assert torch.allclose(h[:, 0, 10].sum(1), horizontal[:, 0, 10].sum(1), atol=1e-4)  # x-shear keeps rows
+    # shear-free draws are unchanged by the new option
+    kw2 = dict(max_rotate_deg=10.0, max_translate=0.1)
+    a = affine_augment(vertical, generator=torch.Generator().manual_seed(1), **kw2)
+    b = affine_augment(vertical, generator=torch.Generator().manual_seed(1), max_shear=0.0, **kw2)
+    assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- real Omniglot
 
 
