@@ -91,6 +91,36 @@ def test_best_checkpoint_and_scoring(omniglot_store, tmp_path, oneshot_runs, tin
     assert 0.2 <= acc.mean <= 1.0
 
 
+def test_test_time_augmentation_averages_seeded_views(omniglot_store, tmp_path, tiny):
+    from pipeline.errors import ConfigError
+    from pipeline.tasks import materialize
+    from pipeline.train import augment_ranges, eval_specs, predict_views
+
+    cfg = config_for("protonet", overrides=[*tiny, "augment_rotate_deg=10", "augment_shear=0.2"],
+                     steps=3)
+    images = _images(omniglot_store, cfg)
+    Trainer(cfg, images, tmp_path, log_tensorboard=False).run()
+    model = load_model(tmp_path)
+    learner, params = model.learner, model.params
+    specs = eval_specs(images, model.split.val, ways=5, shots=1, queries=2, episodes=3, seed=0,
+                       mode="within")
+    ep = materialize(images, specs)
+    one = predict_views(learner, params, ep, bn_mode="transductive")
+    plain = learner.adapt_and_predict(params, ep, bn_mode="transductive")
+    torch.testing.assert_close(one, torch.log_softmax(plain, -1))
+    views = dict(bn_mode="transductive", views=4, augment=augment_ranges(cfg))
+    a = predict_views(learner, params, ep, seed=1, **views)
+    assert torch.equal(a, predict_views(learner, params, ep, seed=1, **views))
+    assert not torch.equal(a, predict_views(learner, params, ep, seed=2, **views))
+    assert not torch.allclose(a, one)
+    with pytest.raises(ConfigError, match="eval_views"):
+        predict_views(learner, params, ep, bn_mode="transductive", views=2, augment={})
+    # scoring takes the number of views from the checkpoint's config
+    model.config = model.config.replace(eval_views=3)
+    acc = score_heldout(model, omniglot_store, ways=5, shots=1, episodes=6)
+    assert acc.episodes == 6 and 0.0 <= acc.mean <= 1.0
+
+
 def test_time_budget_sets_the_step_count(omniglot_store, tmp_path, tiny):
     cfg = config_for("protonet", overrides=[*tiny, "val_every=1000"], minutes=0.15)
     result = Trainer(cfg, _images(omniglot_store, cfg), tmp_path, log_tensorboard=False).run()
