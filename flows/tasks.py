@@ -545,12 +545,17 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
     head = model.params.get("head.bias")
     width = None if head is None else head.numel()  # a classifier head's ways (MAML, Reptile)
 
+    from pipeline.train import augment_ranges, predict_views
+
+    batch_seeds = iter(range(1 << 62))
+
     def predict(episodes):
         # A head wider than the episode fine-tunes with its spare outputs pushed down by the
-        # loss; only the episode's classes can be predicted.
-        return learner.adapt_and_predict(model.params, episodes, bn_mode=cfg.bn_mode)[
-            ..., : episodes.ways
-        ]
+        # loss; only the episode's classes can be predicted. eval_views > 1: test-time views.
+        logits = predict_views(learner, model.params, episodes, bn_mode=cfg.bn_mode,
+                               views=cfg.eval_views, augment=augment_ranges(cfg),
+                               seed=next(batch_seeds))
+        return logits[..., : episodes.ways]
 
     def cached(name: str, compute) -> dict[str, Any]:
         path = cache / f"{name}.json"

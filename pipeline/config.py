@@ -44,9 +44,10 @@ class TrainConfig:
     temperature: float = 1.0
     """ProtoNets: logits are -squared distance / temperature."""
     eval_views: int = 1
-    """Test-time augmentation: log-probabilities averaged over this many views of each
-    evaluation episode (the episode itself, plus random affine copies of its support and query
-    images within the augment_* limits). 1 disables."""
+    """Test-time augmentation when a checkpoint is scored (`anole evaluate`, the flows):
+    log-probabilities averaged over this many views of each episode (the episode itself, plus
+    random affine copies of its support and query images within the augment_* limits). 1
+    disables. Validation during training, which only ranks checkpoints, uses one view."""
     bn_mode: str = "transductive"
     """BatchNorm statistics at evaluation: transductive (whole query set), per_image, or support."""
 
@@ -94,9 +95,13 @@ class TrainConfig:
 
     # --- optimisation --------------------------------------------------------
     meta_optimizer: str = "adam"
-    """Outer (meta) optimiser: adam or sgd. Reptile forces sgd on its annealed step."""
+    """Outer (meta) optimiser: adam or sgd. Reptile's is set by reptile_outer."""
     meta_lr: float = 1e-3
     """Outer (meta) learning rate for adam/sgd."""
+    reptile_outer: str = "anneal"
+    """Reptile's meta-update of the mean (phi - theta) over tasks: anneal (plain steps with the
+    linearly annealed meta step of Nichol et al.) or adam (Adam with meta_lr and lr_schedule:
+    step sizes that do not depend on how far the inner loop moved)."""
     meta_step_start: float = 1.0
     """Reptile: meta step size at the first step (linearly annealed, Nichol et al.)."""
     meta_step_end: float = 0.0
@@ -141,6 +146,7 @@ class TrainConfig:
             (self.inner_optimizer in ("sgd", "adam"), "inner_optimizer", "sgd or adam"),
             (self.meta_optimizer in ("sgd", "adam"), "meta_optimizer", "sgd or adam"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
+            (self.reptile_outer in ("anneal", "adam"), "reptile_outer", "anneal or adam"),
             (self.sampling in ("within", "unstructured"), "sampling", "within or unstructured"),
             (self.budget_clock in ("wall", "cpu"), "budget_clock", "wall or cpu"),
             (self.precision in ("auto", "float32", "bfloat16"), "precision",

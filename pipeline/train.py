@@ -173,7 +173,9 @@ class MetaOptimizer:
         self.config = config
         self.total_steps = total_steps
         self.params = {k: v.detach().clone().requires_grad_(False) for k, v in params.items()}
-        opt = "sgd" if config.learner == "reptile" else config.meta_optimizer
+        opt = config.meta_optimizer
+        if config.learner == "reptile":
+            opt = "adam" if config.reptile_outer == "adam" else "sgd"
         tensors = list(self.params.values())
         self.optimizer = (
             torch.optim.Adam(tensors, lr=config.meta_lr) if opt == "adam"
@@ -184,7 +186,7 @@ class MetaOptimizer:
         """The outer step size at `step`: Reptile's linear anneal, or the configured schedule."""
         cfg = self.config
         frac = min(step / max(self.total_steps, 1), 1.0)
-        if cfg.learner == "reptile":
+        if cfg.learner == "reptile" and cfg.reptile_outer == "anneal":
             return cfg.meta_step_start + frac * (cfg.meta_step_end - cfg.meta_step_start)
         if cfg.lr_schedule == "cosine":
             return cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
@@ -448,9 +450,9 @@ class Trainer:
     def _validate(self, meta: MetaOptimizer, step: int, history: list[dict[str, Any]], writer,
                   best_val: float | None) -> float | None:
         t = self._clock()
+        # one view: validation only ranks checkpoints, and test-time views would multiply its cost
         acc = evaluate_params(self.learner, meta.params, self.data.images, self.val_specs,
-                              bn_mode=self.config.bn_mode, views=self.config.eval_views,
-                              augment=augment_ranges(self.config))
+                              bn_mode=self.config.bn_mode)
         self._val_seconds = self._clock() - t
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         history.append(record)

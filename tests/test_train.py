@@ -129,3 +129,22 @@ def test_time_budget_sets_the_step_count(omniglot_store, tmp_path, tiny):
     assert 1 <= result.step <= result.total_steps
     manifest = json.loads(result.latest_checkpoint.with_suffix(".json").read_text())
     assert manifest["total_steps"] == result.total_steps
+
+
+def test_reptile_outer_update_is_annealed_or_adam():
+    from pipeline.config import TrainConfig
+    from pipeline.train import MetaOptimizer, initial_params
+
+    cfg = TrainConfig(learner="reptile", hidden=8, meta_step_start=0.8, meta_step_end=0.0)
+    anneal = MetaOptimizer(initial_params(cfg), cfg, total_steps=10)
+    assert isinstance(anneal.optimizer, torch.optim.SGD)
+    assert anneal.learning_rate(0) == pytest.approx(0.8) and anneal.learning_rate(5) == pytest.approx(0.4)
+    # a plain SGD step of size epsilon on mean(phi - theta) moves phi to phi + eps * (theta - phi)
+    before = {k: v.clone() for k, v in anneal.params.items()}
+    anneal.apply({k: 2 * torch.ones_like(v) for k, v in before.items()}, num_tasks=2, step=0)
+    assert all(torch.allclose(anneal.params[k], before[k] - 0.8) for k in before)
+
+    adam_cfg = cfg.replace(reptile_outer="adam", meta_lr=0.01, lr_schedule="constant")
+    adam = MetaOptimizer(initial_params(adam_cfg), adam_cfg, total_steps=10)
+    assert isinstance(adam.optimizer, torch.optim.Adam)
+    assert adam.learning_rate(5) == pytest.approx(0.01)

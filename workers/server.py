@@ -38,7 +38,6 @@ from pipeline.train import (
     MetaOptimizer,
     TrainingData,
     append_metrics,
-    augment_ranges,
     build_learner,
     check_compatible,
     checkpoint_manifest,
@@ -344,8 +343,7 @@ class ParameterServer:
     def _validate(self, step: int, log: bool = True) -> float:
         acc = evaluate_params(
             self.learner, self.meta.params, self.data.images, self.val_specs,
-            bn_mode=self.config.bn_mode, views=self.config.eval_views,
-            augment=augment_ranges(self.config),
+            bn_mode=self.config.bn_mode,  # one view, as the Trainer's validation
         )
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         self.history.append(record)
