@@ -140,6 +140,7 @@ def learner_config(config: TrainConfig) -> LearnerConfig:
             eval_inner_steps=config.eval_inner_steps,
             inner_optimizer=config.inner_optimizer,
             zero_head=config.zero_head,
+            inner_batches=config.inner_batches,
         )
     return MAMLConfig(
         inner_lr=config.inner_lr,

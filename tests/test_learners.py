@@ -48,6 +48,9 @@ CONFIGS = {
     "protonet": ProtoNetConfig(),
     "maml-zero": MAMLConfig(inner_lr=0.1, inner_steps=2, eval_inner_steps=2, zero_head=True),
     "fomaml-zero": MAMLConfig(inner_lr=0.1, inner_steps=2, eval_inner_steps=2, zero_head=True),
+    "reptile-batches": ReptileConfig(
+        inner_lr=0.1, inner_steps=3, eval_inner_steps=2, inner_optimizer="sgd", inner_batches=2
+    ),
     "reptile-zero": ReptileConfig(
         inner_lr=0.1, inner_steps=3, eval_inner_steps=2, inner_optimizer="sgd", zero_head=True
     ),

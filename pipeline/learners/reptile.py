@@ -66,6 +66,12 @@ class ReptileConfig:
     zero_head: bool = False
     """Start every task from a zero linear head (as `MAMLConfig.zero_head`); the head then
     gets no meta-update."""
+    inner_batches: int = 1
+    """Meta-training: split each task's images into this many class-balanced minibatches and
+    take the inner steps on them in turn (supervised-reptile's inner minibatches). With more
+    than one, consecutive steps see different images, which is where Reptile's
+    generalisation term (the inner product of gradients on different batches) comes from;
+    with 1-shot support + 1 query per class, 2 alternates support and query sets."""
     train_on_query: bool = True
     """Meta-training inner loop uses support AND query images (True) or the support set only."""
 
@@ -82,16 +88,43 @@ def reptile_meta_step_size(
     return (1.0 - frac) * start + frac * end
 
 
+def class_balanced_batches(
+    x: Tensor, y: Tensor, ways: int, batches: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Split way-major task images x [T, ways*n, ...] (labels [T, ways*n]) into `batches`
+    minibatches; minibatch b holds every class's images b, b + batches, ... (n >= batches)."""
+    if batches == 1:
+        return [(x, y)]
+    t, total = y.shape
+    per_class = total // ways
+    if per_class * ways != total or per_class < batches:
+        raise ValueError(
+            f"inner_batches={batches} needs at least that many images per class, got {per_class}"
+        )
+    xs = x.reshape(t, ways, per_class, *x.shape[2:])
+    ys = y.reshape(t, ways, per_class)
+    return [
+        (xs[:, :, b::batches].flatten(1, 2), ys[:, :, b::batches].flatten(1, 2))
+        for b in range(batches)
+    ]
+
+
 def inner_train(
-    net: TaskNet, theta: Mapping[str, Tensor], x: Tensor, y: Tensor, cfg: ReptileConfig, steps: int
+    net: TaskNet,
+    theta: Mapping[str, Tensor],
+    batches: list[tuple[Tensor, Tensor]],
+    cfg: ReptileConfig,
+    steps: int,
 ) -> Params:
-    """`steps` full-batch SGD/Adam steps for every task at once; no autograd graph is kept."""
+    """`steps` SGD/Adam steps for every task at once, step i on minibatch i mod len(batches);
+    no autograd graph is kept."""
     theta = {k: v.detach() for k, v in theta.items()}
     m = {k: torch.zeros_like(v) for k, v in theta.items()}
     v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
     beta1, beta2 = cfg.adam_betas
     for i in range(1, steps + 1):
-        grads = grad(lambda th: loss_sum(net(th, x), y))(theta)
+        x, y = batches[(i - 1) % len(batches)]
+        grads = grad(lambda th, x=x, y=y: loss_sum(net(th, x), y))(theta)
         if cfg.inner_optimizer == "sgd":
             theta = {k: theta[k] - cfg.inner_lr * grads[k] for k in theta}
             continue
@@ -111,18 +144,27 @@ class Reptile(Learner):
     name = "reptile"
     config: ReptileConfig
 
-    def _inner_data(self, ep: Episodes) -> tuple[Tensor, Tensor]:
-        if self.config.train_on_query:
-            return torch.cat([ep.support_x, ep.query_x], 1), torch.cat(
-                [ep.support_y, ep.query_y], 1
-            )
-        return ep.support_x, ep.support_y
+    def _inner_data(self, ep: Episodes) -> list[tuple[Tensor, Tensor]]:
+        """The meta-training inner loop's minibatches (way-major within each)."""
+        if not self.config.train_on_query:
+            x, y = ep.support_x, ep.support_y
+        else:  # per class: its support images, then its query images
+            t, ways = ep.num_tasks, ep.ways
+            x = torch.cat(
+                [
+                    ep.support_x.reshape(t, ways, ep.shots, *ep.support_x.shape[2:]),
+                    ep.query_x.reshape(t, ways, ep.queries, *ep.query_x.shape[2:]),
+                ],
+                2,
+            ).flatten(1, 2)
+            y = torch.arange(ways, device=ep.support_y.device)
+            y = y.repeat_interleave(ep.shots + ep.queries).expand(t, -1)
+        return class_balanced_batches(x, y, ep.ways, self.config.inner_batches)
 
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
-        x, y = self._inner_data(ep)
         start = task_start(params, ep.num_tasks, cfg.zero_head)
-        theta = inner_train(net, start, x, y, cfg, cfg.inner_steps)
+        theta = inner_train(net, start, self._inner_data(ep), cfg, cfg.inner_steps)
         grads = {
             k: torch.zeros_like(params[k])
             if cfg.zero_head and k in HEAD
@@ -140,12 +182,30 @@ class Reptile(Learner):
         steps = self.config.eval_inner_steps if steps is None else steps
         ep = episodes
         start = task_start(params, ep.num_tasks, self.config.zero_head)
-        theta = inner_train(self.net, start, ep.support_x, ep.support_y, self.config, steps)
+        theta = inner_train(self.net, start, [(ep.support_x, ep.support_y)], self.config, steps)
         with torch.no_grad():
             return predict(self.net, theta, ep, bn_mode)
 
+    def _reference_batches(self, ep: Episodes, t: int) -> list[tuple[Tensor, Tensor]]:
+        """Task t's inner minibatches, picked image by image."""
+        per_class: list[list[Tensor]] = [[] for _ in range(ep.ways)]
+        sets = [(ep.support_x[t], ep.support_y[t])]
+        if self.config.train_on_query:
+            sets.append((ep.query_x[t], ep.query_y[t]))
+        for images, labels in sets:
+            for image, label in zip(images, labels.tolist(), strict=True):
+                per_class[label].append(image)
+        n = self.config.inner_batches
+        batches = []
+        for b in range(n):
+            chosen = [(img, c) for c in range(ep.ways) for img in per_class[c][b::n]]
+            batches.append(
+                (torch.stack([img for img, _ in chosen]), torch.tensor([c for _, c in chosen]))
+            )
+        return batches
+
     def _reference_train(
-        self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int
+        self, params: Mapping[str, Tensor], batches: list[tuple[Tensor, Tensor]], steps: int
     ) -> Params:
         """One task, hand-written SGD / Adam (same formulas as torch.optim's)."""
         cfg = self.config
@@ -153,6 +213,7 @@ class Reptile(Learner):
         m, v2 = zeros_like(p), zeros_like(p)
         beta1, beta2 = cfg.adam_betas
         for i in range(1, steps + 1):
+            x, y = batches[(i - 1) % len(batches)]
             leaf = {k: t.requires_grad_() for k, t in p.items()}
             loss = F.cross_entropy(reference_forward(self.model, leaf, x), y)
             grads = torch.autograd.grad(loss, list(leaf.values()))
@@ -171,11 +232,11 @@ class Reptile(Learner):
         self, params: Mapping[str, Tensor], episodes: Episodes
     ) -> tuple[Params, dict[str, float]]:
         ep = episodes
-        x_all, y_all = self._inner_data(ep)
         total = zeros_like(params)
         after, before = [], []
         for t in range(ep.num_tasks):
-            theta = self._reference_train(params, x_all[t], y_all[t], self.config.inner_steps)
+            batches = self._reference_batches(ep, t)
+            theta = self._reference_train(params, batches, self.config.inner_steps)
             for k in total:
                 if not (self.config.zero_head and k in HEAD):
                     total[k] += params[k].detach() - theta[k]
@@ -196,9 +257,8 @@ class Reptile(Learner):
         steps = self.config.eval_inner_steps if steps is None else steps
         out = []
         for t in range(episodes.num_tasks):
-            theta = self._reference_train(
-                params, episodes.support_x[t], episodes.support_y[t], steps
-            )
+            support = [(episodes.support_x[t], episodes.support_y[t])]
+            theta = self._reference_train(params, support, steps)
             with torch.no_grad():
                 out.append(
                     reference_predict(
