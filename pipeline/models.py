@@ -197,10 +197,11 @@ class GroupedConv4:
     Equal (to float rounding) to `functional_call(Conv4, params[t], x[t])` for every task t.
     Differentiable to any order (second-order MAML), also under `torch.func.grad`.
 
-    `compute_dtype=torch.bfloat16` is mixed precision: convolutions (forward and every
-    backward) and the activations between them run in bfloat16, while parameters, BatchNorm
-    statistics, the affine maps, the head and the loss stay float32. On CPUs with AMX (and on
-    recent GPUs) this makes the convolutions, most of the work, several times faster.
+    `compute_dtype=torch.bfloat16` is mixed precision: the convolutions (forward and every
+    backward) take bfloat16 inputs and weights, and their outputs, the largest activations,
+    stay bfloat16 through pooling; parameters, BatchNorm statistics, the affine maps, the head
+    and the loss stay float32. On CPUs with AMX (and on recent GPUs) bfloat16 convolutions are
+    several times faster (a [320, 64, 14, 14] 3x3 convolution: 12.7 ms -> 1.6 ms, 2 threads).
     """
 
     def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
@@ -223,7 +224,9 @@ class GroupedConv4:
         # Explicit channels_last strides: with one channel in all (a grey image, one task) the
         # usual .contiguous(channels_last) is a no-op, oneDNN then writes the first conv's
         # output as NCHW, and pooling it is ~4x slower.
-        h = torch.empty(h.shape, dtype=low or h.dtype, memory_format=torch.channels_last).copy_(h)
+        h = torch.empty(
+            h.shape, dtype=low or h.dtype, device=h.device, memory_format=torch.channels_last
+        ).copy_(h)
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
             # channels_last weights: what oneDNN converts them to for channels_last activations

@@ -1,7 +1,7 @@
 """Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
 
-Each task trains its own copy of the weights for `inner_steps` steps of SGD or Adam (full-batch
-steps), starting from phi. A task's meta-gradient contribution is phi - theta_t, so an SGD
+Each task trains its own copy of the weights for `inner_steps` steps of SGD or Adam, starting
+from phi: full-batch steps, or steps on `inner_batches` class-balanced minibatches in turn. A task's meta-gradient contribution is phi - theta_t, so an SGD
 meta-optimizer with step size epsilon on the MEAN contribution performs Reptile's update
 phi <- phi + epsilon * mean_t(theta_t - phi). `reptile_meta_step_size` gives the linearly
 annealed epsilon of the paper.
