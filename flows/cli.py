@@ -200,6 +200,7 @@ def evaluate(
     queries: int = 5,
     episodes: int = 600,
     bn_mode: Annotated[str | None, typer.Option(help="transductive, per_image or support (default: the checkpoint's).")] = None,
+    views: Annotated[int | None, typer.Option(help="Test-time views per episode (default: the checkpoint's eval_views; 1: none).")] = None,
     seed: int = 0,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -219,6 +220,11 @@ def evaluate(
         _emit(as_json, result, scores.table())
         return
     model = scoring.load_model(checkpoint)
+    if views is not None:
+        if views < 1:
+            _fail(f"--views {views}: must be at least 1 (1 scores each episode as it is)")
+        model.config = model.config.replace(eval_views=views)
+    result["views"] = model.config.eval_views
     if run_dirs:
         scores = scoring.score_oneshot(model, run_dirs, bn_mode=bn_mode)
         result["oneshot"] = scores.to_dict()
