@@ -39,8 +39,10 @@ ZIP = (
 )
 
 # Small and numerically tame (one inner step; hidden=16, where the grouped conv4 agrees across
-# task-batch sizes to ~1e-7): shard sums match the batched sum to float rounding.
+# task-batch sizes to ~1e-7; float32, since bfloat16 rounds differently per task-batch size):
+# shard sums match the batched sum to float rounding.
 EXACT = dict(
+    precision="float32",
     hidden=16,
     meta_batch=6,
     inner_steps=1,
@@ -55,6 +57,7 @@ EXACT = dict(
 # More compute per call (so a kill lands mid-call), compared against a clean distributed run.
 FAULT = TrainConfig(
     learner="fomaml",
+    precision="float32",
     hidden=16,
     meta_batch=6,
     inner_steps=3,
