@@ -157,20 +157,7 @@ def local_server(
     }
     env.pop("PREFECT_API_URL", None)
     out = open(log, "ab") if log else subprocess.DEVNULL
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect",
-        "server",
-        "start",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = start_server_process(port, env, out)
     try:
         wait_healthy(api_url, proc=proc)
         yield api_url
@@ -178,6 +165,16 @@ def local_server(
         stop_process(proc)
         if log:
             out.close()
+
+
+def start_server_process(port: int, env: dict[str, str], out: Any) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` in its own process group (see `stop_process`),
+    output to `out` (a binary file or subprocess.DEVNULL); does not wait for it to answer."""
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]
+    return subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.serve import free_port, stop_process, wait_healthy
+from flows.serve import free_port, start_server_process, stop_process, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -265,15 +265,7 @@ def test_domain_arrived_event_retrains_on_the_ray_cluster_through_a_prefect_work
     prefect = str(BIN / "prefect")
     try:
         with open(server_log, "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    env=server_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            procs.append(start_server_process(port, server_env, log))
         wait_healthy(api, timeout_s=120, proc=procs[0])
 
         # The first champion, without Korean (in this process, as `anole run` would make it).

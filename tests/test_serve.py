@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import free_port, stop_process, wait_healthy
+from flows.serve import free_port, start_server_process, stop_process, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -66,25 +66,7 @@ def test_domain_arrival_starts_the_served_retrain_once(omniglot_zips, tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         with open(server_log, "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "prefect",
-                        "server",
-                        "start",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                    ],
-                    env=base_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            procs.append(start_server_process(port, base_env, log))
         wait_healthy(api, timeout_s=120, proc=procs[0])
         updates = {
             PREFECT_API_URL: api,
