@@ -545,17 +545,10 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
     head = model.params.get("head.bias")
     width = None if head is None else head.numel()  # a classifier head's ways (MAML, Reptile)
 
-    from pipeline.train import augment_ranges, predict_views
+    from pipeline.train import augment_ranges, episode_predictor
 
-    batch_seeds = iter(range(1 << 62))
-
-    def predict(episodes):
-        # A head wider than the episode fine-tunes with its spare outputs pushed down by the
-        # loss; only the episode's classes can be predicted. eval_views > 1: test-time views.
-        logits = predict_views(learner, model.params, episodes, bn_mode=cfg.bn_mode,
-                               views=cfg.eval_views, augment=augment_ranges(cfg),
-                               seed=next(batch_seeds))
-        return logits[..., : episodes.ways]
+    predict = episode_predictor(learner, model.params, bn_mode=cfg.bn_mode, views=cfg.eval_views,
+                                augment=augment_ranges(cfg))
 
     def cached(name: str, compute) -> dict[str, Any]:
         path = cache / f"{name}.json"

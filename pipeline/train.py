@@ -6,6 +6,7 @@ with the Ray parameter server, so a distributed run takes exactly the same steps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -113,10 +114,7 @@ def _augment(episodes: Episodes, task_ids: np.ndarray, step: int, cfg: TrainConf
         kw = dict(**augment_ranges(cfg), generator=gen)
         support.append(affine_augment(episodes.support_x[i], **kw))
         query.append(affine_augment(episodes.query_x[i], **kw))
-    return Episodes(
-        torch.stack(support), episodes.support_y, torch.stack(query), episodes.query_y,
-        episodes.ways, episodes.shots, episodes.queries,
-    )
+    return dataclasses.replace(episodes, support_x=torch.stack(support), query_x=torch.stack(query))
 
 
 # --- model and meta-optimiser ----------------------------------------------------------------
@@ -252,11 +250,10 @@ def predict_views(learner, params: Params, episodes: Episodes, *, bn_mode: str, 
         ep = episodes
         if view:
             gen = torch.Generator().manual_seed(step_seed(seed, view, 2))
-            ep = Episodes(
-                affine_augment(episodes.support_x, generator=gen, **augment),  # type: ignore[arg-type]
-                episodes.support_y,
-                affine_augment(episodes.query_x, generator=gen, **augment),  # type: ignore[arg-type]
-                episodes.query_y, episodes.ways, episodes.shots, episodes.queries,
+            ep = dataclasses.replace(
+                episodes,
+                support_x=affine_augment(episodes.support_x, generator=gen, **augment),  # type: ignore[arg-type]
+                query_x=affine_augment(episodes.query_x, generator=gen, **augment),  # type: ignore[arg-type]
             )
         logp = torch.log_softmax(learner.adapt_and_predict(params, ep, bn_mode=bn_mode), -1)
         total = logp if total is None else total + logp
@@ -277,16 +274,26 @@ def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpe
             f"--ways {head.numel()} or fewer, or train with ways={specs.ways}"
         )
 
-    batch_seeds = iter(range(1 << 62))  # each batch of episodes draws its own views
+    predict = episode_predictor(learner, params, bn_mode=bn_mode, views=views, augment=augment)
+    return evaluate_episodes(predict, images, specs, batch_size=batch_size, bn_mode=bn_mode)
+
+
+def episode_predictor(learner, params: Params, *, bn_mode: str, views: int = 1,
+                      augment: dict[str, float] | None = None) -> Callable[[Episodes], torch.Tensor]:
+    """`predict(episodes)` for `evaluate_episodes`: `predict_views` log-probabilities over the
+    episodes' classes, each call (batch of episodes) drawing its own views.
+
+    A head wider than the episode (20-way head, 5-way episode) fine-tunes with the spare
+    outputs pushed down by the loss; only the episode's classes can be predicted.
+    """
+    batch_seeds = iter(range(1 << 62))
 
     def predict(episodes: Episodes) -> torch.Tensor:
-        # A wider head than the episode (20-way head, 5-way episode) fine-tunes with the spare
-        # outputs pushed down by the loss; only the episode's classes can be predicted.
         logits = predict_views(learner, params, episodes, bn_mode=bn_mode, views=views,
                                augment=augment, seed=next(batch_seeds))
         return logits[..., : episodes.ways]
 
-    return evaluate_episodes(predict, images, specs, batch_size=batch_size, bn_mode=bn_mode)
+    return predict
 
 
 # --- the loop ----------------------------------------------------------------------------------
