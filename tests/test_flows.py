@@ -109,17 +109,9 @@ def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_pat
     from workers.driver import ray_session
 
     root = tmp_path / "ws"
+    job = dict(holdout=["Latin"], steps=3, retrain_steps=2, overrides=TINY, pools=POOLS, workers=1)
     with ray_session(None, 2):
-        out = main_job(
-            str(root),
-            [str(zip1)],
-            holdout=["Latin"],
-            steps=3,
-            retrain_steps=2,
-            overrides=TINY,
-            pools=POOLS,
-            workers=1,
-        )
+        out = main_job(str(root), [str(zip1)], **job)
 
     first, second = out["pipeline"], out["retrain"]
     # The first training: 3 train alphabets, 1 val, 1 test; it becomes the first champion.
@@ -175,16 +167,7 @@ def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_pat
 
     # Run the job again: nothing new since, so it retrains nothing and says so.
     runs_before = sorted(p.name for p in (root / "runs").iterdir())
-    again = main_job(  # no Ray needed: nothing will train
-        str(root),
-        [str(zip1)],
-        holdout=["Latin"],
-        steps=3,
-        retrain_steps=2,
-        overrides=TINY,
-        pools=POOLS,
-        workers=1,
-    )
+    again = main_job(str(root), [str(zip1)], **job)  # the same job; no Ray: nothing will train
     assert again["pipeline"]["status"] == "done before"
     assert again["retrain"]["status"] == ("up-to-date" if second["promoted"] else "already-tried")
     assert again["retrain"]["message"]
