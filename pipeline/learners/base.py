@@ -57,7 +57,10 @@ within 32 MiB, glibc's largest mmap threshold (a temporary above it is a fresh m
 time: ~300k minor page faults per all-32-tasks Reptile meta-batch). Measured on the 2-core
 Xeon, conv4 at 28x28, 32 tasks, 2 threads: 16 tasks per call was fastest for all four
 learners (e.g. Reptile 0.90 s vs 1.08 s unchunked and 0.96 s with 8). Large images (84x84)
-get one task per call: a single task already fills the cores."""
+get one task per call: a single task already fills the cores. Since `Learner` raises glibc's
+thresholds (`pipeline.allocator`) large temporaries are reused rather than re-mapped, and
+chunking mostly bounds memory: unchunked vs 16 per call measured 84.0 vs 86.6 MAML tasks/s
+(float32) and 109.2 vs 111.4 (bfloat16)."""
 
 
 class Learner(ABC):
