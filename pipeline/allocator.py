@@ -3,8 +3,8 @@
 glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh
 `mmap`, and returns them to the kernel on free. A batch of task activations is tens of MiB, so
 every intermediate tensor of a meta-batch would be a new mapping whose pages fault in one by
-one: on the 2-core Xeon, ReLU of a [360, 64, 28, 28] float32 tensor took 19 ms that way and
-5.5 ms with the memory reused (benchmarks/README.md, "Meta-training throughput"). Raising the
+one: on the 2-core Xeon, ReLU of a [360, 64, 28, 28] float32 tensor took 17.6 ms that way and
+7.9 ms with the memory reused (`benchmarks/bench_kernels.py`). Raising the
 mmap and trim thresholds keeps freed blocks in the heap for the next step. The cost: memory
 freed by a training process stays with it (its peak is unchanged).
 """

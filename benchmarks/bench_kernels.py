@@ -1,0 +1,78 @@
+"""The kernel-level figures behind the learners' CPU choices, each side by side in one run.
+
+* 3x3 convolution, float32 vs bfloat16 (oneDNN uses AMX for bfloat16 where the CPU has it):
+  dense [320, 64, 14, 14] and grouped (32 tasks as groups, [10, 2048, 14, 14]).
+* ReLU and 2x2 max-pool of a [360, 64, 28, 28] channels_last tensor with glibc's default
+  thresholds vs `pipeline.allocator.keep_large_allocations()` (each in its own process, since
+  the setting is per process).
+
+    python benchmarks/bench_kernels.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def ms(fn, n: int = 20) -> float:
+    """Mean of n calls after two warm-ups, in milliseconds."""
+    fn(), fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def convolutions() -> dict[str, float]:
+    out = {}
+    cl = torch.channels_last
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(320, 64, 14, 14).to(dtype).contiguous(memory_format=cl)
+        w = torch.randn(64, 64, 3, 3).to(dtype).contiguous(memory_format=cl)
+        xg = torch.randn(10, 32 * 64, 14, 14).to(dtype).contiguous(memory_format=cl)
+        wg = torch.randn(32 * 64, 64, 3, 3).to(dtype).contiguous(memory_format=cl)
+        name = str(dtype).removeprefix("torch.")
+        out[f"conv dense {name}"] = ms(lambda: F.conv2d(x, w, padding=1))  # noqa: B023
+        out[f"conv grouped {name}"] = ms(lambda: F.conv2d(xg, wg, padding=1, groups=32))  # noqa: B023
+    return out
+
+
+def memory_bound(keep: bool) -> dict[str, float]:
+    if keep:
+        from pipeline.allocator import keep_large_allocations
+
+        keep_large_allocations()
+    x = torch.randn(360, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    label = "kept heap" if keep else "glibc default"
+    return {f"relu {label}": ms(lambda: F.relu(x)), f"max_pool2d {label}": ms(lambda: F.max_pool2d(x, 2))}
+
+
+def main() -> None:
+    threads = 2
+    torch.set_num_threads(threads)
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory":
+        print(json.dumps(memory_bound(sys.argv[2] == "keep")))
+        return
+    results = convolutions()
+    for mode in ("default", "keep"):
+        env = {**os.environ, "ANOLE_MALLOC_TUNING": "1"}
+        child = subprocess.run([sys.executable, __file__, "--memory", mode], env=env,
+                               capture_output=True, text=True, check=True)
+        results.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    print(f"torch {torch.__version__}, {threads} threads, ms per call")
+    for name, value in results.items():
+        print(f"{name:28} {value:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
