@@ -201,6 +201,7 @@ def evaluate(
     episodes: int = 600,
     bn_mode: Annotated[str | None, typer.Option(help="transductive, per_image or support (default: the checkpoint's).")] = None,
     views: Annotated[int | None, typer.Option(help="Test-time views per episode (default: the checkpoint's eval_views; 1: none).")] = None,
+    refine_steps: Annotated[int | None, typer.Option(help="ProtoNets: soft k-means prototype refinement steps, transductive mode only (default: the checkpoint's; 0: none).")] = None,
     seed: int = 0,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -224,7 +225,13 @@ def evaluate(
         if views < 1:
             _fail(f"--views {views}: must be at least 1 (1 scores each episode as it is)")
         model.config = model.config.replace(eval_views=views)
+    if refine_steps is not None:
+        if refine_steps < 0:
+            _fail(f"--refine-steps {refine_steps}: must be 0 (plain prototypes) or more")
+        model.config = model.config.replace(refine_steps=refine_steps)
     result["views"] = model.config.eval_views
+    if model.config.learner == "protonet":
+        result["refine_steps"] = model.config.refine_steps
     if run_dirs:
         scores = scoring.score_oneshot(model, run_dirs, bn_mode=bn_mode)
         result["oneshot"] = scores.to_dict()

@@ -130,7 +130,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
 def learner_config(config: TrainConfig) -> LearnerConfig:
     """The learner's own config, taken from the run config's fields."""
     if config.learner == "protonet":
-        return ProtoNetConfig(temperature=config.temperature)
+        return ProtoNetConfig(temperature=config.temperature, refine_steps=config.refine_steps)
     if config.learner == "reptile":
         return ReptileConfig(
             inner_lr=config.inner_lr,

@@ -46,6 +46,7 @@ CONFIGS = {
         inner_lr=0.1, inner_steps=3, eval_inner_steps=2, inner_optimizer="sgd"
     ),
     "protonet": ProtoNetConfig(),
+    "protonet-refine": ProtoNetConfig(refine_steps=2),
     "maml-zero": MAMLConfig(inner_lr=0.1, inner_steps=2, eval_inner_steps=2, zero_head=True),
     "fomaml-zero": MAMLConfig(inner_lr=0.1, inner_steps=2, eval_inner_steps=2, zero_head=True),
     "reptile-batches": ReptileConfig(
@@ -433,6 +434,44 @@ def test_make_learner_validates() -> None:
     with pytest.raises(ValueError, match="vmap"):
         make_learner("maml", model=torch.nn.Linear(3, 3))
     assert make_learner("protonet").model.head is None
+
+
+def test_proto_logits_refinement_equals_reference_and_moves_towards_queries() -> None:
+    """Soft k-means refinement: batched == class-by-class reference; prototypes follow queries."""
+    from pipeline.learners.protonet import proto_logits, reference_proto_logits
+
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(4, 6, 5, generator=g, dtype=torch.float64), torch.randn(
+        4, 9, 5, generator=g, dtype=torch.float64
+    )
+    labels = torch.tensor([0, 1, 2, 0, 1, 2]).expand(4, -1)
+    for steps in (0, 1, 3):
+        batched = proto_logits(support, labels, query, 3, 2.0, steps)
+        for t in range(4):
+            ref = reference_proto_logits(support[t], labels[t], query[t], 3, 2.0, steps)
+            torch.testing.assert_close(batched[t], ref, rtol=1e-12, atol=1e-12)
+    # 1-D: class 0's support point at 0, class 1's at 10, queries near 2 and near 8. Refined,
+    # the prototypes move to the query clusters, so the queries get nearer their prototype.
+    s, y = torch.tensor([[0.0], [10.0]], dtype=torch.float64), torch.tensor([0, 1])
+    q = torch.tensor([[2.0], [2.2], [8.0], [7.8]], dtype=torch.float64)
+    plain, refined = proto_logits(s, y, q, 2, 1.0), proto_logits(s, y, q, 2, 1.0, 3)
+    assert (refined.max(-1).values > plain.max(-1).values + 1).all()
+    assert (refined.argmax(-1) == torch.tensor([0, 0, 1, 1])).all()
+
+
+def test_protonet_refines_only_under_transductive_bn() -> None:
+    plain, refine = learner("protonet"), learner("protonet-refine")
+    params, ep = plain.init_params(), episodes()
+    for bn_mode in ("per_image", "support"):
+        torch.testing.assert_close(
+            refine.adapt_and_predict(params, ep, bn_mode=bn_mode),
+            plain.adapt_and_predict(params, ep, bn_mode=bn_mode),
+        )
+    transductive = refine.adapt_and_predict(params, ep, bn_mode="transductive")
+    assert not torch.allclose(transductive, plain.adapt_and_predict(params, ep))
+    # training never refines: the meta-gradient is the plain ProtoNet's
+    grads, plain_grads = refine.meta_gradient(params, ep)[0], plain.meta_gradient(params, ep)[0]
+    assert max_rel_err(grads, plain_grads) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ its support images; a query's logits are minus its squared Euclidean distances t
 prototypes (divided by `temperature`). There is no inner loop: the meta-gradient is the
 gradient of the query cross-entropy summed over tasks, and `adapt_and_predict` just classifies.
 
+At evaluation under bn_mode="transductive" the prototypes can also be refined with the query
+set (`refine_steps`): soft k-means with the support images as labelled points (Ren et al. 2018,
+"Meta-Learning for Semi-Supervised Few-Shot Classification"). Each step moves every prototype
+to the mean of its support embeddings and of all query embeddings weighted by their softmax
+assignment to it. Training always uses the support means.
+
 Support and query images are embedded as two batches (BatchNorm statistics of the support set
 for the support images; the query images under `bn_mode`, transductive during training).
 """
@@ -42,19 +48,62 @@ class ProtoNetConfig:
 
     temperature: float = 1.0
     """Logits are -squared_distance / temperature (1.0: the paper's)."""
+    refine_steps: int = 0
+    """Soft k-means steps refining the prototypes with the query embeddings at evaluation
+    (transductive, so only under bn_mode="transductive"); 0 keeps the support means."""
 
 
 def proto_logits(
-    support: Tensor, support_y: Tensor, query: Tensor, ways: int, temperature: float
+    support: Tensor,
+    support_y: Tensor,
+    query: Tensor,
+    ways: int,
+    temperature: float,
+    refine_steps: int = 0,
 ) -> Tensor:
-    """Logits [..., Q, ways] from embeddings support [..., S, D] (labels [..., S]), query [..., Q, D]."""
+    """Logits [..., Q, ways] from embeddings support [..., S, D] (labels [..., S]), query [..., Q, D].
+
+    `refine_steps` > 0: the prototypes first take that many soft k-means steps over the query
+    embeddings, each query weighted per class by its softmax over the current logits.
+    """
     one_hot = F.one_hot(support_y, ways).to(support.dtype)  # [..., S, ways]
-    prototypes = (one_hot.transpose(-1, -2) @ support) / one_hot.sum(-2).unsqueeze(
-        -1
-    )  # [..., ways, D]
-    sq = (query * query).sum(-1, keepdim=True) - 2 * query @ prototypes.transpose(-1, -2)
-    sq = sq + (prototypes * prototypes).sum(-1).unsqueeze(-2)
-    return -sq / temperature
+    sums, counts = one_hot.mT @ support, one_hot.sum(-2)  # [..., ways, D], [..., ways]
+    logits = _neg_sq_distances(query, sums / counts.unsqueeze(-1)) / temperature
+    for _ in range(refine_steps):
+        soft = logits.softmax(-1)  # [..., Q, ways]
+        prototypes = (sums + soft.mT @ query) / (counts + soft.sum(-2)).unsqueeze(-1)
+        logits = _neg_sq_distances(query, prototypes) / temperature
+    return logits
+
+
+def _neg_sq_distances(query: Tensor, prototypes: Tensor) -> Tensor:
+    """-||q - p||^2 [..., Q, ways] for query [..., Q, D] and prototypes [..., ways, D]."""
+    sq = (query * query).sum(-1, keepdim=True) - 2 * query @ prototypes.mT
+    return -(sq + (prototypes * prototypes).sum(-1).unsqueeze(-2))
+
+
+def reference_proto_logits(
+    support: Tensor,
+    support_y: Tensor,
+    query: Tensor,
+    ways: int,
+    temperature: float,
+    refine_steps: int = 0,
+) -> Tensor:
+    """`proto_logits` for one task, written out class by class (the reference)."""
+
+    def logits_to(prototypes: list[Tensor]) -> Tensor:
+        return -torch.stack([((query - p) ** 2).sum(-1) for p in prototypes], -1) / temperature
+
+    members = [support[support_y == c] for c in range(ways)]
+    prototypes = [m.mean(0) for m in members]
+    for _ in range(refine_steps):
+        soft = logits_to(prototypes).softmax(-1)
+        prototypes = [
+            (m.sum(0) + (soft[:, c, None] * query).sum(0)) / (len(m) + soft[:, c].sum())
+            for c, m in enumerate(members)
+        ]
+    return logits_to(prototypes)
 
 
 class ProtoNet(Learner):
@@ -63,11 +112,18 @@ class ProtoNet(Learner):
     name = "protonet"
     config: ProtoNetConfig
 
-    def _logits(self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode) -> Tensor:
+    def _refine_steps(self, bn_mode: BNMode) -> int:
+        return self.config.refine_steps if bn_mode == "transductive" else 0
+
+    def _logits(
+        self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode, refine_steps: int = 0
+    ) -> Tensor:
         theta = shared(params, ep.num_tasks)
         support = self.net(theta, ep.support_x)
         query = predict(self.net, theta, ep, bn_mode)
-        return proto_logits(support, ep.support_y, query, ep.ways, self.config.temperature)
+        return proto_logits(
+            support, ep.support_y, query, ep.ways, self.config.temperature, refine_steps
+        )
 
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
@@ -81,14 +137,21 @@ class ProtoNet(Learner):
         self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
     ) -> Tensor:
         with torch.no_grad():
-            return self._logits(params, episodes, bn_mode)
+            return self._logits(params, episodes, bn_mode, self._refine_steps(bn_mode))
 
     def _reference_logits(
-        self, params: Mapping[str, Tensor], ep: Episodes, t: int, bn_mode: BNMode
+        self,
+        params: Mapping[str, Tensor],
+        ep: Episodes,
+        t: int,
+        bn_mode: BNMode,
+        refine_steps: int = 0,
     ) -> Tensor:
         support = reference_forward(self.model, params, ep.support_x[t])
         query = reference_predict(self.model, params, ep.support_x[t], ep.query_x[t], bn_mode)
-        return proto_logits(support, ep.support_y[t], query, ep.ways, self.config.temperature)
+        return reference_proto_logits(
+            support, ep.support_y[t], query, ep.ways, self.config.temperature, refine_steps
+        )
 
     def reference_meta_gradient(
         self, params: Mapping[str, Tensor], episodes: Episodes
@@ -114,7 +177,9 @@ class ProtoNet(Learner):
         with torch.no_grad():
             return torch.stack(
                 [
-                    self._reference_logits(params, episodes, t, bn_mode)
+                    self._reference_logits(
+                        params, episodes, t, bn_mode, self._refine_steps(bn_mode)
+                    )
                     for t in range(episodes.num_tasks)
                 ]
             )
