@@ -231,10 +231,11 @@ class GroupedConv4:
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
             # channels_last weights: what oneDNN converts them to for channels_last activations
-            # anyway (once here rather than inside every convolution and its backward).
-            w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+            # anyway (once here rather than inside every convolution and its backward), cast
+            # in the same copy.
+            w = _Cast.apply(w.reshape(-1, *w.shape[2:]), low or w.dtype, torch.channels_last)
             if low is not None:
-                h, w = h.to(low), w.to(low)  # no-ops where already low
+                h = h.to(low)  # a no-op where already low
             h = _Conv3x3.apply(h, w, t)
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
@@ -259,9 +260,9 @@ class GroupedConv4:
             if bool((gamma > 0).all()):
                 # ReLU(scale*h + shift) is non-decreasing in h: pooling first gives the same
                 # values (and the same argmax), and the affine map + ReLU touch 1/4 of the data.
-                h = F.relu(F.max_pool2d(h, 2) * scale + shift)
+                h = F.relu(max_pool2x2(h) * scale + shift)
             else:
-                h = F.max_pool2d(F.relu(h * scale + shift), 2)
+                h = max_pool2x2(F.relu(h * scale + shift))
         h = h.reshape(n, t, -1).transpose(0, 1)  # [T, N, C*h*w], per-task flatten order
         if "head.weight" in params:
             h = torch.baddbmm(
@@ -400,6 +401,102 @@ class _Conv3x3WeightGrad(Function):
         dx = _Conv3x3InputGrad.apply(gy, ggw, ctx.groups) if ctx.needs_input_grad[0] else None
         dgy = _Conv3x3.apply(x, ggw, ctx.groups) if ctx.needs_input_grad[1] else None
         return dx, dgy, None
+
+
+class _Cast(Function):
+    """x.to(dtype, memory_format=...); its gradient comes back in x's dtype, contiguous.
+
+    (A plain `.to` hands back channels_last gradients, and every later op on the parameter
+    gradients would mix layouts, which PyTorch runs on a slow strided path.)
+    """
+
+    @staticmethod
+    def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
+        return x.to(dtype, memory_format=memory_format)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        return _Cast.apply(g, ctx.dtype, torch.contiguous_format), None, None
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    """`F.max_pool2d(x, 2)` for channels_last x, with derivatives of every order that stay
+    channels_last.
+
+    PyTorch's own second derivative of max-pooling gathers into a contiguous (NCHW) tensor and
+    materialises a zero gradient for the pooled input; every later op on that gradient then
+    mixes memory formats, which is several times slower on large activations.
+    """
+    return _MaxPool2x2.apply(x)[0]
+
+
+_POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, padding, dilation, ceil_mode
+
+
+class _MaxPool2x2(Function):
+    """(y, argmax) = max_pool2d_with_indices(x, 2); the argmax is a flat H*W index per plane."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.aten.max_pool2d_with_indices(x, *_POOL[:2])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero gradient for the argmax output
+        ctx.save_for_backward(output[1])
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, gy: Tensor | None, _: None) -> Tensor | None:  # noqa: ANN001
+        (idx,) = ctx.saved_tensors
+        return None if gy is None else _Unpool2x2.apply(gy, idx, ctx.shape)
+
+
+class _Unpool2x2(Function):
+    """gx: gy scattered to each window's argmax, zeros elsewhere (max-pooling's backward)."""
+
+    @staticmethod
+    def forward(gy: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
+        x_like = torch.empty(
+            shape, dtype=gy.dtype, device=gy.device, memory_format=torch.channels_last
+        )
+        return torch.ops.aten.max_pool2d_with_indices_backward(gy, x_like, *_POOL, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, ggx: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        (idx,) = ctx.saved_tensors
+        return _PoolGather.apply(ggx, idx), None, None
+
+
+class _PoolGather(Function):
+    """y = x at each window's argmax (the adjoint of `_Unpool2x2`), gathered channels_last."""
+
+    @staticmethod
+    def forward(x: Tensor, idx: Tensor) -> Tensor:
+        n, c, hh, ww = x.shape
+        h, w = idx.shape[2:]
+        flat = x.permute(0, 2, 3, 1).reshape(n, hh * ww, c)  # a view when x is channels_last
+        picks = idx.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        return torch.gather(flat, 1, picks).view(n, h, w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[1])
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        (idx,) = ctx.saved_tensors
+        return _Unpool2x2.apply(gy, idx, ctx.shape), None
 
 
 class _MeanVar(Function):
