@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from pipeline.kernels.fused import affine_relu, fused_pool, usable
+
 BN_EPS = 1e-5
 """BatchNorm epsilon (PyTorch's default), shared by every path so they agree."""
 
@@ -239,10 +241,15 @@ class GroupedConv4:
             h = _Conv3x3.apply(h, w, t)
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
+            fused = usable(h)  # one pass for pooling + statistics (pipeline/kernels)
+            pooled = None
             if norm == "batch":
                 if i == 0 and 4 * 9 * x.shape[2] <= w.shape[0] // t and not x.requires_grad:
                     # patch moments are cheaper only when 9*C_in << hidden (Omniglot: 9 vs 64)
                     mean, var = _first_layer_stats(x, params["blocks.0.conv.weight"])
+                elif fused:
+                    pooled, mean, var = fused_pool(h, stats=True)
+                    mean, var = mean.to(x.dtype), var.to(x.dtype)
                 else:
                     mean, var = (s.to(x.dtype) for s in _MeanVar.apply(h))
                 if record is not None:
@@ -260,7 +267,15 @@ class GroupedConv4:
             if bool((gamma > 0).all()):
                 # ReLU(scale*h + shift) is non-decreasing in h: pooling first gives the same
                 # values (and the same argmax), and the affine map + ReLU touch 1/4 of the data.
-                h = F.relu(max_pool2x2(h) * scale + shift)
+                if pooled is None:
+                    pooled = fused_pool(h, stats=False)[0] if fused else max_pool2x2(h)
+                if fused and scale.dim() == 3:
+                    # one pass, written in the next convolution's dtype (the last block's
+                    # features stay in the parameters' dtype for the head)
+                    out_dtype = low if low is not None and i < 3 else x.dtype
+                    h = affine_relu(pooled, scale.reshape(-1), shift.reshape(-1), out_dtype)
+                else:
+                    h = torch.addcmul(shift, pooled, scale).relu_()
             else:
                 h = max_pool2x2(F.relu(h * scale + shift))
         h = h.reshape(n, t, -1).transpose(0, 1)  # [T, N, C*h*w], per-task flatten order

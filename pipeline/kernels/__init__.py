@@ -1,0 +1,64 @@
+"""Optional fused CPU kernels (C++, compiled on first use), with a pure-PyTorch fallback.
+
+`pool_kernels()` returns the compiled module of `pool.cpp` (2x2 max-pooling fused with
+BatchNorm statistics and their gradients, see there), or None where it cannot be had:
+
+* `ANOLE_KERNELS=0` in the environment (the kill switch; tests use it to compare paths),
+* no C++ compiler or build failure (one warning, then the fallback for the process).
+
+It is built once per machine by `torch.utils.cpp_extension` (about a minute, cached under
+`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named after the source hash and
+the CPU's vector capability so that caches shared between machines never mix builds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("pool.cpp")
+
+
+def enabled() -> bool:
+    """Whether the environment allows the compiled kernels (ANOLE_KERNELS unset or not 0)."""
+    return os.environ.get("ANOLE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _build() -> ModuleType | None:
+    import torch
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    flags = ["-O3", "-fopenmp"]
+    if capability in ("avx2", "avx512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    try:
+        return cpp_extension.load(
+            name=f"anole_pool_{capability}_{digest}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a broken toolchain: run without
+        warnings.warn(
+            f"anole: fused CPU kernels unavailable ({type(exc).__name__}: {exc}); using "
+            "PyTorch ops (slower). Set ANOLE_KERNELS=0 to skip the build.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def pool_kernels() -> ModuleType | None:
+    """The compiled pooling kernels, or None (disabled or unavailable)."""
+    return _build() if enabled() else None
+
+
+__all__ = ["enabled", "pool_kernels"]

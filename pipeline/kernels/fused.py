@@ -1,0 +1,190 @@
+"""Autograd over the fused pooling kernels of `pool.cpp`, differentiable to any order.
+
+`fused_pool(h, stats)` is `F.max_pool2d(h, 2)` (and, with `stats`, the per-channel batch
+mean and biased variance of h) for channels_last CPU activations, in one pass over h. The
+backward pass is one pass too: gx = unpool(gy) + c * h + offset, where the statistics'
+gradient is folded into c and offset per channel. Each kernel's derivative is written with the
+others (unpool <-> gather), so second-order MAML runs on them as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from pipeline.kernels import pool_kernels
+
+
+def usable(h: Tensor) -> bool:
+    """Whether `fused_pool` takes h: a CPU, channels_last, >= 2x2 activation, kernels built."""
+    return (
+        h.device.type == "cpu"
+        and h.dim() == 4
+        and h.shape[2] >= 2
+        and h.shape[3] >= 2
+        and h.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and h.is_contiguous(memory_format=torch.channels_last)
+        and pool_kernels() is not None
+    )
+
+
+def fused_pool(h: Tensor, stats: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(2x2 max-pool of h, and when `stats` its BatchNorm mean and biased var [C], else None).
+
+    The statistics come in float32 (float64 for float64 h). Check `usable(h)` first.
+    """
+    y, _, mean, var = _FusedPool.apply(h, stats)
+    return (y, mean, var) if stats else (y, None, None)
+
+
+class _FusedPool(Function):
+    """(y, phase, mean, var): pooled h, winner phase (uint8), statistics (empty if not asked)."""
+
+    @staticmethod
+    def forward(h: Tensor, stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = pool_kernels().pool_stats_forward(h, stats)
+        if not stats:
+            none = h.new_empty(0, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+            out = [*out, none, none]
+        return tuple(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        h, _ = inputs
+        _, phase, mean, _ = output
+        ctx.mark_non_differentiable(phase)
+        ctx.set_materialize_grads(False)  # absent gradients stay None: no zero tensors
+        ctx.save_for_backward(h, phase, mean)
+        ctx.pooled_shape = output[0].shape
+
+    @staticmethod
+    def backward(ctx, gy, _, gm, gv):  # noqa: ANN001, ANN205
+        h, phase, mean = ctx.saved_tensors
+        if gm is None and gv is None:
+            gx = None if gy is None else _Unpool.apply(gy, phase, h.shape, None, None, None)
+            return gx, None
+        if gy is None:
+            gy = torch.zeros(ctx.pooled_shape, dtype=h.dtype, memory_format=torch.channels_last)
+        m = h.numel() // h.shape[1]
+        gm = torch.zeros_like(mean) if gm is None else gm
+        gv = torch.zeros_like(mean) if gv is None else gv
+        # d/dh of (mean, var): gm/m + 2 gv (h - mean)/m = c * h + offset, per channel
+        c = gv * (2.0 / m)
+        offset = gm / m - c * mean
+        return _Unpool.apply(gy, phase, h.shape, h, c, offset), None
+
+
+class _Unpool(Function):
+    """gx = gy scattered to each window's winner (zeros elsewhere) [+ c * h + offset]."""
+
+    @staticmethod
+    def forward(gy, phase, shape, h, c, offset):  # noqa: ANN001, ANN205
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        return pool_kernels().pool_backward(gy, phase, shape[2], shape[3], h, c, offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        _, phase, shape, h, c, _ = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(phase, h, c)
+        ctx.shape = shape
+
+    @staticmethod
+    def backward(ctx, ggx):  # noqa: ANN001, ANN205
+        phase, h, c = ctx.saved_tensors
+        if ggx is None:
+            return (None,) * 6
+        need = ctx.needs_input_grad
+        ggy = _Gather.apply(ggx, phase) if need[0] else None
+        gh = gc = goffset = None
+        if h is not None:
+            if need[3]:
+                gh = (ggx * c.view(1, -1, 1, 1)).to(h.dtype)
+            if need[4]:
+                gc = torch.sum(ggx * h, (0, 2, 3), dtype=c.dtype)
+            if need[5]:
+                goffset = torch.sum(ggx, (0, 2, 3), dtype=c.dtype)
+        return ggy, None, None, gh, gc, goffset
+
+
+class _Gather(Function):
+    """y = x at each window's winner: the adjoint of `_Unpool` in gy."""
+
+    @staticmethod
+    def forward(x, phase):  # noqa: ANN001, ANN205
+        x = x.contiguous(memory_format=torch.channels_last)
+        return pool_kernels().pool_gather(x, phase)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[1])
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        (phase,) = ctx.saved_tensors
+        return _Unpool.apply(gy, phase, ctx.shape, None, None, None), None
+
+
+def affine_relu(p: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """relu(scale * p + shift) per channel (scale, shift [C]), computed in float and written as
+    `out_dtype` in the same pass. Check `usable(p)` first."""
+    return _AffineReLU.apply(p, scale, shift, out_dtype)
+
+
+class _AffineReLU(Function):
+    @staticmethod
+    def forward(p, scale, shift, out_dtype):  # noqa: ANN001, ANN205
+        return pool_kernels().affine_relu_forward(p, scale, shift, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        p, scale, _, _ = inputs
+        ctx.save_for_backward(p, scale, output)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        p, scale, out = ctx.saved_tensors
+        gp, gscale, gshift = _AffineReLUGrad.apply(g, out, p, scale)
+        return gp, gscale.to(scale.dtype), gshift.to(scale.dtype), None
+
+
+class _AffineReLUGrad(Function):
+    """(gp, gscale, gshift) of out = relu(scale * p + shift) for the out-gradient g; the ReLU
+    mask (out > 0) is piecewise constant, so the derivatives are those of bilinear maps."""
+
+    @staticmethod
+    def forward(g, out, p, scale):  # noqa: ANN001, ANN205
+        return tuple(pool_kernels().affine_relu_backward(g, out, p, scale))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        g, out, p, scale = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(g, out, p, scale)
+
+    @staticmethod
+    def backward(ctx, ggp, ggscale, ggshift):  # noqa: ANN001, ANN205
+        g, out, p, scale = ctx.saved_tensors
+        mask = out > 0
+        per_channel = (1, -1, 1, 1)
+        dg = dp = dscale = None
+        if ctx.needs_input_grad[0]:
+            terms = []
+            if ggp is not None:
+                terms.append(ggp * scale.view(per_channel))
+            if ggscale is not None:
+                terms.append(p * ggscale.view(per_channel))
+            if ggshift is not None:
+                terms.append(ggshift.view(per_channel).expand(p.shape))
+            if terms:
+                dg = (sum(terms[1:], terms[0]) * mask).to(g.dtype)
+        if ctx.needs_input_grad[2] and ggscale is not None:
+            dp = (g * mask * ggscale.view(per_channel)).to(p.dtype)
+        if ctx.needs_input_grad[3] and ggp is not None:
+            dscale = torch.sum(ggp * g * mask, (0, 2, 3), dtype=scale.dtype)
+        return dg, None, dp, dscale
+
+
+__all__ = ["affine_relu", "fused_pool", "usable"]

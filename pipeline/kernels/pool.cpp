@@ -1,0 +1,441 @@
+// Fused 2x2 max-pooling + BatchNorm statistics for channels_last activations (CPU).
+//
+// GroupedConv4 pools every convolution output and takes its per-channel batch statistics.
+// Done with stock ops, that is two reads of the activation forward (statistics, pooling, plus
+// int64 argmax indices as large as the bf16 activation itself) and, backward, a zero fill, a
+// scalar scatter, the statistics' gradient as its own tensor and a sum of the two. Here:
+//
+//   pool_stats_forward   one read of h -> pooled y, a uint8 window phase (0..3: which of the
+//                        (0,0), (0,1), (1,0), (1,1) positions won), per-channel mean and var
+//   pool_backward        one write of gx = unpool(gy) + c * h + offset (the statistics'
+//                        gradient is c * h + offset per channel; c, offset optional)
+//   pool_gather          y = x at each window's winner (the adjoint of the unpooling)
+//   affine_relu_forward  out = relu(scale * p + shift) per channel, written in out's dtype
+//                        (bfloat16 for the next convolution: no separate cast pass)
+//   affine_relu_backward one read of the output gradient -> the input gradient and the
+//                        per-channel gradients of scale and shift
+//
+// Ties and NaNs resolve as in PyTorch's max_pool2d: the first maximum in row-major window
+// order wins, a NaN always wins. Floor mode: a trailing odd row/column is not pooled but is
+// counted in the statistics and gets its statistics' gradient.
+
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+
+// Element access through raw storage types so that GCC vectorises the loops: bfloat16 as its
+// uint16 bits (c10::BFloat16's own conversions do not vectorise), float and double as is.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+
+inline float widen(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+
+template <typename R, typename V> inline R narrow(V v) { return static_cast<R>(v); }
+template <> inline uint16_t narrow<uint16_t, float>(float f) {  // round to nearest even, as c10
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = 0u - static_cast<uint32_t>(f != f);  // all ones for NaN, as a mask
+  return static_cast<uint16_t>((rounded & ~nan) | (0x7FC0u & nan));
+}
+
+template <typename scalar_t> const typename Raw<scalar_t>::type* raw(const Tensor& t) {
+  return reinterpret_cast<const typename Raw<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+template <typename scalar_t> typename Raw<scalar_t>::type* raw_mut(Tensor& t) {
+  return reinterpret_cast<typename Raw<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+
+// Row kernels: plain loops over C contiguous channels, written to vectorise (no branches,
+// no short-circuit logic, every load unconditional).
+
+template <typename raw_t>
+void accumulate_stats(const raw_t* __restrict__ in, int64_t C, double* __restrict__ sum,
+                      double* __restrict__ sumsq) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = widen(in[c]);
+    sum[c] += v;
+    sumsq[c] += v * v;
+  }
+}
+
+template <typename raw_t>
+void pool_window(const raw_t* __restrict__ w00, const raw_t* __restrict__ w01,
+                 const raw_t* __restrict__ w10, const raw_t* __restrict__ w11, int64_t C,
+                 raw_t* __restrict__ y, uint8_t* __restrict__ phase) {
+  for (int64_t c = 0; c < C; ++c) {
+    // the pooled value is the winner's raw bits (an input value, copied exactly)
+    auto best = widen(w00[c]);
+    raw_t out = w00[c];
+    uint8_t p = 0;
+    auto v = widen(w01[c]);
+    bool take = (v > best) | (v != v);
+    best = take ? v : best;
+    out = take ? w01[c] : out;
+    p = take ? 1 : p;
+    v = widen(w10[c]);
+    take = (v > best) | (v != v);
+    best = take ? v : best;
+    out = take ? w10[c] : out;
+    p = take ? 2 : p;
+    v = widen(w11[c]);
+    take = (v > best) | (v != v);
+    out = take ? w11[c] : out;
+    p = take ? 3 : p;
+    y[c] = out;
+    phase[c] = p;
+  }
+}
+
+// Backward of one window row: gy, phase [C] -> the 4 outputs' [C] (o00, o01, o10, o11).
+template <typename raw_t>
+void unpool_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ phase, int64_t C,
+                   raw_t* __restrict__ o00, raw_t* __restrict__ o01, raw_t* __restrict__ o10,
+                   raw_t* __restrict__ o11) {
+  for (int64_t c = 0; c < C; ++c) {
+    const raw_t v = g[c], zero = 0;
+    const uint8_t k = phase[c];
+    o00[c] = k == 0 ? v : zero;
+    o01[c] = k == 1 ? v : zero;
+    o10[c] = k == 2 ? v : zero;
+    o11[c] = k == 3 ? v : zero;
+  }
+}
+
+// The same plus the statistics' gradient scale * h + offset at every position.
+template <typename raw_t, typename opmath_t>
+void unpool_affine_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ phase,
+                          const raw_t* __restrict__ h00, const raw_t* __restrict__ h01,
+                          const raw_t* __restrict__ h10, const raw_t* __restrict__ h11,
+                          const opmath_t* __restrict__ scale, const opmath_t* __restrict__ offset,
+                          int64_t C, raw_t* __restrict__ o00, raw_t* __restrict__ o01,
+                          raw_t* __restrict__ o10, raw_t* __restrict__ o11) {
+  for (int64_t c = 0; c < C; ++c) {
+    const opmath_t v = widen(g[c]), zero = 0, a = scale[c], b = offset[c];
+    const uint8_t k = phase[c];
+    o00[c] = narrow<raw_t>(a * widen(h00[c]) + b + (k == 0 ? v : zero));
+    o01[c] = narrow<raw_t>(a * widen(h01[c]) + b + (k == 1 ? v : zero));
+    o10[c] = narrow<raw_t>(a * widen(h10[c]) + b + (k == 2 ? v : zero));
+    o11[c] = narrow<raw_t>(a * widen(h11[c]) + b + (k == 3 ? v : zero));
+  }
+}
+
+// A position outside every window (odd trailing row or column): statistics' gradient or 0.
+template <typename raw_t, typename opmath_t>
+void unpooled_position(const raw_t* __restrict__ h, const opmath_t* __restrict__ scale,
+                       const opmath_t* __restrict__ offset, int64_t C, raw_t* __restrict__ o) {
+  for (int64_t c = 0; c < C; ++c) {
+    o[c] = h ? narrow<raw_t>(scale[c] * widen(h[c]) + offset[c]) : raw_t(0);
+  }
+}
+
+template <typename raw_t>
+void gather_window(const raw_t* __restrict__ w00, const raw_t* __restrict__ w01,
+                   const raw_t* __restrict__ w10, const raw_t* __restrict__ w11,
+                   const uint8_t* __restrict__ phase, int64_t C, raw_t* __restrict__ y) {
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t k = phase[c];
+    const raw_t a0 = w00[c], a1 = w01[c], b0 = w10[c], b1 = w11[c];
+    const raw_t a = (k & 1) ? a1 : a0;
+    const raw_t b = (k & 1) ? b1 : b0;
+    y[c] = (k & 2) ? b : a;
+  }
+}
+
+template <typename in_t, typename out_t, typename opmath_t>
+void affine_relu_row(const in_t* __restrict__ p, const opmath_t* __restrict__ scale,
+                     const opmath_t* __restrict__ shift, int64_t C, out_t* __restrict__ out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const opmath_t v = scale[c] * widen(p[c]) + shift[c];
+    out[c] = narrow<out_t>(v > opmath_t(0) ? v : opmath_t(0));
+  }
+}
+
+template <typename in_t, typename out_t, typename opmath_t>
+void affine_relu_grad_row(const out_t* __restrict__ g, const out_t* __restrict__ out,
+                          const in_t* __restrict__ p, const opmath_t* __restrict__ scale,
+                          int64_t C, in_t* __restrict__ gp, double* __restrict__ gscale,
+                          double* __restrict__ gshift) {
+  for (int64_t c = 0; c < C; ++c) {
+    const opmath_t live = widen(out[c]) > opmath_t(0) ? widen(g[c]) : opmath_t(0);
+    gp[c] = narrow<in_t>(live * scale[c]);
+    gscale[c] += static_cast<double>(live) * static_cast<double>(widen(p[c]));
+    gshift[c] += live;
+  }
+}
+
+void check_cl(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              name, " must be a 4-d channels_last tensor");
+}
+
+Tensor empty_cl(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return at::empty(shape, options.memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+std::vector<Tensor> pool_stats_forward(const Tensor& h, bool stats) {
+  check_cl(h, "h");
+  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3);
+  const int64_t Ho = H / 2, Wo = W / 2, R = (H + 1) / 2;
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "pool_stats_forward: needs an input of at least 2x2");
+  Tensor y = empty_cl({N, C, Ho, Wo}, h.options());
+  Tensor phase = empty_cl({N, C, Ho, Wo}, h.options().dtype(at::kByte));
+  Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "pool_stats_forward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using raw_t = typename Raw<scalar_t>::type;
+    const raw_t* hp = raw<scalar_t>(h);
+    raw_t* yp = raw_mut<scalar_t>(y);
+    uint8_t* pp = phase.data_ptr<uint8_t>();
+    const int threads = at::get_num_threads();
+    std::vector<double> acc(stats ? static_cast<size_t>(threads) * 2 * C : 0, 0.0);
+    // one work item: image n, input rows 2r and 2r + 1 (pooled into output row r if r < Ho)
+    at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
+      double* sum = stats ? acc.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C : nullptr;
+      double* sumsq = stats ? sum + C : nullptr;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / R, r = item % R;
+        const raw_t* row0 = hp + (n * H + 2 * r) * W * C;
+        const raw_t* row1 = row0 + W * C;
+        if (stats) {
+          const int64_t count = (2 * r + 1 < H ? 2 : 1) * W * C;
+          for (int64_t k = 0; k < count; k += C) accumulate_stats(row0 + k, C, sum, sumsq);
+        }
+        if (r >= Ho) continue;
+        raw_t* yrow = yp + (n * Ho + r) * Wo * C;
+        uint8_t* prow = pp + (n * Ho + r) * Wo * C;
+        for (int64_t j = 0; j < Wo; ++j) {
+          const raw_t* w00 = row0 + 2 * j * C;
+          const raw_t* w10 = row1 + 2 * j * C;
+          pool_window(w00, w00 + C, w10, w10 + C, C, yrow + j * C, prow + j * C);
+        }
+      }
+    });
+    if (stats) {
+      const auto stat_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+      mean = at::empty({C}, h.options().dtype(stat_dtype));
+      var = at::empty({C}, h.options().dtype(stat_dtype));
+      opmath_t* mp = mean.data_ptr<opmath_t>();
+      opmath_t* vp = var.data_ptr<opmath_t>();
+      const double count = static_cast<double>(N * H * W);
+      for (int64_t c = 0; c < C; ++c) {
+        double s = 0.0, s2 = 0.0;
+        for (int t = 0; t < threads; ++t) {
+          s += acc[static_cast<size_t>(t) * 2 * C + c];
+          s2 += acc[static_cast<size_t>(t) * 2 * C + C + c];
+        }
+        const double m = s / count;
+        mp[c] = static_cast<opmath_t>(m);
+        vp[c] = static_cast<opmath_t>(std::max(s2 / count - m * m, 0.0));
+      }
+    }
+  });
+  if (!stats) return {y, phase};
+  return {y, phase, mean, var};
+}
+
+// gx [N, C, H, W] = unpool(gy, phase) + c * h + offset; h, c, offset undefined: unpool only.
+Tensor pool_backward(const Tensor& gy, const Tensor& phase, int64_t H, int64_t W,
+                     const c10::optional<Tensor>& h_opt, const c10::optional<Tensor>& c_opt,
+                     const c10::optional<Tensor>& offset_opt) {
+  check_cl(gy, "gy");
+  check_cl(phase, "phase");
+  const bool affine = h_opt.has_value() && h_opt->defined();
+  const int64_t N = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "pool_backward: needs an input of at least 2x2");
+  TORCH_CHECK(Ho == H / 2 && Wo == W / 2, "pool_backward: gy does not pool an HxW input");
+  Tensor gx = empty_cl({N, C, H, W}, gy.options());
+  Tensor h, c_t, off_t;
+  if (affine) {
+    h = *h_opt;
+    check_cl(h, "h");
+    TORCH_CHECK(h.scalar_type() == gy.scalar_type(), "pool_backward: h and gy dtypes differ");
+  }
+  const int64_t R = (H + 1) / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gy.scalar_type(), "pool_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto stat_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    if (affine) {
+      c_t = c_opt->to(stat_dtype).contiguous();
+      off_t = offset_opt->to(stat_dtype).contiguous();
+      TORCH_CHECK(c_t.numel() == C && off_t.numel() == C, "pool_backward: c, offset must be [C]");
+    }
+    using raw_t = typename Raw<scalar_t>::type;
+    const raw_t* gp = raw<scalar_t>(gy);
+    const uint8_t* pp = phase.const_data_ptr<uint8_t>();
+    const raw_t* hp = affine ? raw<scalar_t>(h) : nullptr;
+    const opmath_t* cp = affine ? c_t.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* op = affine ? off_t.const_data_ptr<opmath_t>() : nullptr;
+    raw_t* xp = raw_mut<scalar_t>(gx);
+    at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / R, r = item % R;
+        const int64_t row0 = (n * H + 2 * r) * W * C, row1 = row0 + W * C;
+        const auto leftover = [&](int64_t at) {
+          unpooled_position(affine ? hp + at : nullptr, cp, op, C, xp + at);
+        };
+        if (r == Ho) {  // odd H: the last row is in no window
+          for (int64_t x = 0; x < W; ++x) leftover(row0 + x * C);
+          continue;
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          const int64_t win = ((n * Ho + r) * Wo + j) * C;
+          const int64_t a = row0 + 2 * j * C, b = row1 + 2 * j * C;
+          if (affine) {
+            unpool_affine_window(gp + win, pp + win, hp + a, hp + a + C, hp + b, hp + b + C, cp,
+                                 op, C, xp + a, xp + a + C, xp + b, xp + b + C);
+          } else {
+            unpool_window(gp + win, pp + win, C, xp + a, xp + a + C, xp + b, xp + b + C);
+          }
+        }
+        if (W % 2) {  // odd W: the last column is in no window
+          leftover(row0 + (W - 1) * C);
+          leftover(row1 + (W - 1) * C);
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+// y [N, C, H/2, W/2] = x at each window's winner.
+Tensor pool_gather(const Tensor& x, const Tensor& phase) {
+  check_cl(x, "x");
+  check_cl(phase, "phase");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = phase.size(2), Wo = phase.size(3);
+  TORCH_CHECK(Ho == H / 2 && Wo == W / 2 && phase.size(1) == C, "pool_gather: shapes differ");
+  Tensor y = empty_cl({N, C, Ho, Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pool_gather", [&] {
+    using raw_t = typename Raw<scalar_t>::type;
+    const raw_t* xp = raw<scalar_t>(x);
+    const uint8_t* pp = phase.const_data_ptr<uint8_t>();
+    raw_t* yp = raw_mut<scalar_t>(y);
+    at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / Ho, r = item % Ho;
+        const raw_t* row0 = xp + (n * H + 2 * r) * W * C;
+        const raw_t* row1 = row0 + W * C;
+        for (int64_t j = 0; j < Wo; ++j) {
+          const int64_t at = ((n * Ho + r) * Wo + j) * C;
+          const raw_t* w00 = row0 + 2 * j * C;
+          const raw_t* w10 = row1 + 2 * j * C;
+          gather_window(w00, w00 + C, w10, w10 + C, pp + at, C, yp + at);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// Dispatch on (p dtype, out dtype): (bf16, bf16), (bf16, f32), (f32, f32), (f64, f64).
+template <typename F>
+void dispatch_pair(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
+  if (in == at::kBFloat16 && out == at::kBFloat16) {
+    body(uint16_t{}, uint16_t{}, float{});
+  } else if (in == at::kBFloat16 && out == at::kFloat) {
+    body(uint16_t{}, float{}, float{});
+  } else if (in == at::kFloat && out == at::kFloat) {
+    body(float{}, float{}, float{});
+  } else if (in == at::kDouble && out == at::kDouble) {
+    body(double{}, double{}, double{});
+  } else {
+    TORCH_CHECK(false, name, ": unsupported dtypes ", in, " -> ", out);
+  }
+}
+
+Tensor affine_relu_forward(const Tensor& p, const Tensor& scale, const Tensor& shift,
+                           at::ScalarType out_dtype) {
+  check_cl(p, "p");
+  const int64_t N = p.size(0), C = p.size(1), H = p.size(2), W = p.size(3);
+  Tensor out = empty_cl({N, C, H, W}, p.options().dtype(out_dtype));
+  dispatch_pair(p.scalar_type(), out_dtype, "affine_relu_forward", [&](auto in_v, auto out_v, auto op_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    using opmath_t = decltype(op_v);
+    const Tensor sc = scale.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+    const Tensor sh = shift.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+    TORCH_CHECK(sc.numel() == C && sh.numel() == C, "affine_relu_forward: scale, shift must be [C]");
+    const in_t* pp = static_cast<const in_t*>(p.const_data_ptr());
+    out_t* op = static_cast<out_t*>(out.data_ptr());
+    const opmath_t* scp = sc.const_data_ptr<opmath_t>();
+    const opmath_t* shp = sh.const_data_ptr<opmath_t>();
+    at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t pos = begin; pos < end; ++pos) affine_relu_row(pp + pos * C, scp, shp, C, op + pos * C);
+    });
+  });
+  return out;
+}
+
+// (gp, gscale, gshift) for out = relu(scale * p + shift), given the gradient g of out.
+std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, const Tensor& p,
+                                         const Tensor& scale) {
+  check_cl(out, "out");
+  check_cl(p, "p");
+  const Tensor gc = g.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(gc.scalar_type() == out.scalar_type(), "affine_relu_backward: g and out dtypes differ");
+  const int64_t N = p.size(0), C = p.size(1), H = p.size(2), W = p.size(3);
+  Tensor gp = empty_cl({N, C, H, W}, p.options());
+  Tensor gscale, gshift;
+  dispatch_pair(p.scalar_type(), out.scalar_type(), "affine_relu_backward", [&](auto in_v, auto out_v, auto op_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    using opmath_t = decltype(op_v);
+    const auto stat_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    const Tensor sc = scale.to(stat_dtype).contiguous();
+    TORCH_CHECK(sc.numel() == C, "affine_relu_backward: scale must be [C]");
+    const out_t* gptr = static_cast<const out_t*>(gc.const_data_ptr());
+    const out_t* optr = static_cast<const out_t*>(out.const_data_ptr());
+    const in_t* pptr = static_cast<const in_t*>(p.const_data_ptr());
+    in_t* gpp = static_cast<in_t*>(gp.data_ptr());
+    const opmath_t* scp = sc.const_data_ptr<opmath_t>();
+    const int threads = at::get_num_threads();
+    std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+    at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
+      double* gs = acc.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+      for (int64_t pos = begin; pos < end; ++pos) {
+        const int64_t at = pos * C;
+        affine_relu_grad_row(gptr + at, optr + at, pptr + at, scp, C, gpp + at, gs, gs + C);
+      }
+    });
+    gscale = at::empty({C}, p.options().dtype(stat_dtype));
+    gshift = at::empty({C}, p.options().dtype(stat_dtype));
+    opmath_t* a = gscale.data_ptr<opmath_t>();
+    opmath_t* b = gshift.data_ptr<opmath_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0, t = 0.0;
+      for (int k = 0; k < threads; ++k) {
+        s += acc[static_cast<size_t>(k) * 2 * C + c];
+        t += acc[static_cast<size_t>(k) * 2 * C + C + c];
+      }
+      a[c] = static_cast<opmath_t>(s);
+      b[c] = static_cast<opmath_t>(t);
+    }
+  });
+  return {gp, gscale, gshift};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pool_stats_forward", &pool_stats_forward, "2x2 max-pool (+ uint8 phase) and BN stats");
+  m.def("pool_backward", &pool_backward, "unpool + BN statistics gradient");
+  m.def("pool_gather", &pool_gather, "values at each window's winner");
+  m.def("affine_relu_forward", &affine_relu_forward, "relu(scale * p + shift), cast on write");
+  m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
+}
