@@ -231,11 +231,7 @@ class GroupedConv4:
             h.shape, dtype=low or h.dtype, device=h.device, memory_format=torch.channels_last
         ).copy_(h)
         for i in range(4):
-            w = params[f"blocks.{i}.conv.weight"]
-            # channels_last weights: what oneDNN converts them to for channels_last activations
-            # anyway (once here rather than inside every convolution and its backward), cast
-            # in the same copy.
-            w = _Cast.apply(w.reshape(-1, *w.shape[2:]), low or w.dtype, torch.channels_last)
+            w = _conv_weights(params[f"blocks.{i}.conv.weight"], low)
             if low is not None:
                 h = h.to(low)  # a no-op where already low
             h = _Conv3x3.apply(h, w, t)
@@ -284,6 +280,24 @@ class GroupedConv4:
                 params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2)
             )
         return h
+
+
+def _conv_weights(w: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Per-task weights [T, C_out, C_in, 3, 3] as grouped-conv weights [T*C_out, C_in, 3, 3] in
+    `dtype`, channels_last: what oneDNN converts them to for channels_last activations anyway
+    (once here rather than inside every convolution and its backward), cast in the same copy.
+
+    Weights shared by all tasks (an expanded view, stride 0 over T) are cast once and then
+    replicated in the low dtype, instead of converting T copies. Only without autograd: a
+    gradient taken with respect to w (an inner loop's) must come out per task.
+    """
+    t, c_out = w.shape[:2]
+    dtype = dtype or w.dtype
+    if t > 1 and w.stride(0) == 0 and not w.requires_grad:
+        one = w[0].to(dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1)  # dense
+        copies = one.expand(t, *one.shape).reshape(t * c_out, *one.shape[1:])
+        return copies.permute(0, 3, 1, 2)  # [T*C_out, C_in, 3, 3], channels_last strides
+    return _Cast.apply(w.reshape(-1, *w.shape[2:]), dtype, torch.channels_last)
 
 
 def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
