@@ -441,7 +441,8 @@ class _Cast(Function):
 
     @staticmethod
     def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
-        return x.to(dtype, memory_format=memory_format)
+        # cast, then re-layout the (possibly halved) data: faster than both in one copy
+        return x.to(dtype).contiguous(memory_format=memory_format)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -100,7 +100,7 @@ class _Unpool(Function):
         gh = gc = goffset = None
         if h is not None:
             if need[3]:
-                gh = (ggx * c.view(1, -1, 1, 1)).to(h.dtype)
+                gh = ggx.to(h.dtype) * c.to(h.dtype).view(1, -1, 1, 1)
             if need[4]:
                 gc = torch.sum(ggx * h, (0, 2, 3), dtype=c.dtype)
             if need[5]:
@@ -167,6 +167,14 @@ class _AffineReLUGrad(Function):
     @staticmethod
     def backward(ctx, ggp, ggscale, ggshift):  # noqa: ANN001, ANN205
         g, out, p, scale = ctx.saved_tensors
+        if ggp is not None:  # one fused pass (out gets no gradient: the mask is flat)
+            zeros = torch.zeros_like(scale)
+            dg, dp, dscale = pool_kernels().affine_relu_double_backward(
+                g, out, p, scale, ggp,
+                zeros if ggscale is None else ggscale,
+                zeros if ggshift is None else ggshift,
+            )
+            return dg, None, dp, dscale.to(scale.dtype)
         mask = out > 0
         per_channel = (1, -1, 1, 1)
         dg = dp = dscale = None

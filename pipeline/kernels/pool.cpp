@@ -14,6 +14,7 @@
 //                        (bfloat16 for the next convolution: no separate cast pass)
 //   affine_relu_backward one read of the output gradient -> the input gradient and the
 //                        per-channel gradients of scale and shift
+//   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
 //
 // Ties and NaNs resolve as in PyTorch's max_pool2d: the first maximum in row-major window
 // order wins, a NaN always wins. Floor mode: a trailing odd row/column is not pooled but is
@@ -176,6 +177,26 @@ void affine_relu_grad_row(const out_t* __restrict__ g, const out_t* __restrict__
     gp[c] = narrow<in_t>(live * scale[c]);
     gscale[c] += static_cast<double>(live) * static_cast<double>(widen(p[c]));
     gshift[c] += live;
+  }
+}
+
+// Derivatives of affine_relu_grad_row's outputs (gp, gscale, gshift) given their gradients
+// (ggp, ggscale, ggshift); the mask out > 0 is piecewise constant.
+template <typename in_t, typename out_t, typename opmath_t>
+void affine_relu_grad_grad_row(const out_t* __restrict__ g, const out_t* __restrict__ out,
+                               const in_t* __restrict__ p, const in_t* __restrict__ ggp,
+                               const opmath_t* __restrict__ scale,
+                               const opmath_t* __restrict__ ggscale,
+                               const opmath_t* __restrict__ ggshift, int64_t C,
+                               out_t* __restrict__ dg, in_t* __restrict__ dp,
+                               double* __restrict__ dscale) {
+  for (int64_t c = 0; c < C; ++c) {
+    const bool live = widen(out[c]) > opmath_t(0);
+    const opmath_t gv = widen(g[c]), pv = widen(p[c]), qv = widen(ggp[c]), zero = 0;
+    const opmath_t a = scale[c] * qv + ggscale[c] * pv + ggshift[c];
+    dg[c] = narrow<out_t>(live ? a : zero);
+    dp[c] = narrow<in_t>(live ? ggscale[c] * gv : zero);
+    dscale[c] += live ? static_cast<double>(qv) * static_cast<double>(gv) : 0.0;
   }
 }
 
@@ -430,6 +451,61 @@ std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, con
   return {gp, gscale, gshift};
 }
 
+// (dg, dp, dscale): the derivatives of affine_relu_backward's outputs, for MAML's second order.
+std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& out,
+                                                const Tensor& p, const Tensor& scale,
+                                                const Tensor& ggp, const Tensor& ggscale,
+                                                const Tensor& ggshift) {
+  check_cl(out, "out");
+  check_cl(p, "p");
+  const Tensor gc = g.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor qc = ggp.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(gc.scalar_type() == out.scalar_type() && qc.scalar_type() == p.scalar_type(),
+              "affine_relu_double_backward: dtypes differ");
+  const int64_t N = p.size(0), C = p.size(1), H = p.size(2), W = p.size(3);
+  Tensor dg = empty_cl({N, C, H, W}, out.options());
+  Tensor dp = empty_cl({N, C, H, W}, p.options());
+  Tensor dscale;
+  dispatch_pair(p.scalar_type(), out.scalar_type(), "affine_relu_double_backward", [&](auto in_v, auto out_v, auto op_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    using opmath_t = decltype(op_v);
+    const auto stat_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    const Tensor sc = scale.to(stat_dtype).contiguous();
+    const Tensor gs = ggscale.to(stat_dtype).contiguous();
+    const Tensor gh = ggshift.to(stat_dtype).contiguous();
+    TORCH_CHECK(sc.numel() == C && gs.numel() == C && gh.numel() == C,
+                "affine_relu_double_backward: per-channel tensors must be [C]");
+    const out_t* gptr = static_cast<const out_t*>(gc.const_data_ptr());
+    const out_t* optr = static_cast<const out_t*>(out.const_data_ptr());
+    const in_t* pptr = static_cast<const in_t*>(p.const_data_ptr());
+    const in_t* qptr = static_cast<const in_t*>(qc.const_data_ptr());
+    out_t* dgp = static_cast<out_t*>(dg.data_ptr());
+    in_t* dpp = static_cast<in_t*>(dp.data_ptr());
+    const opmath_t* scp = sc.const_data_ptr<opmath_t>();
+    const opmath_t* gsp = gs.const_data_ptr<opmath_t>();
+    const opmath_t* ghp = gh.const_data_ptr<opmath_t>();
+    const int threads = at::get_num_threads();
+    std::vector<double> acc(static_cast<size_t>(threads) * C, 0.0);
+    at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
+      double* ds = acc.data() + static_cast<size_t>(at::get_thread_num()) * C;
+      for (int64_t pos = begin; pos < end; ++pos) {
+        const int64_t at = pos * C;
+        affine_relu_grad_grad_row(gptr + at, optr + at, pptr + at, qptr + at, scp, gsp, ghp, C,
+                                  dgp + at, dpp + at, ds);
+      }
+    });
+    dscale = at::empty({C}, p.options().dtype(stat_dtype));
+    opmath_t* d = dscale.data_ptr<opmath_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0;
+      for (int k = 0; k < threads; ++k) s += acc[static_cast<size_t>(k) * C + c];
+      d[c] = static_cast<opmath_t>(s);
+    }
+  });
+  return {dg, dp, dscale};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -438,4 +514,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_gather", &pool_gather, "values at each window's winner");
   m.def("affine_relu_forward", &affine_relu_forward, "relu(scale * p + shift), cast on write");
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
+  m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");
 }
