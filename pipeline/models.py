@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from pipeline.kernels.fused import affine_relu, fused_pool, usable
+from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 BN_EPS = 1e-5
 """BatchNorm epsilon (PyTorch's default), shared by every path so they agree."""
@@ -231,18 +231,28 @@ class GroupedConv4:
             h.shape, dtype=low or h.dtype, device=h.device, memory_format=torch.channels_last
         ).copy_(h)
         for i in range(4):
-            w = _conv_weights(params[f"blocks.{i}.conv.weight"], low)
-            if low is not None:
-                h = h.to(low)  # a no-op where already low
-            h = _Conv3x3.apply(h, w, t)
+            weight = params[f"blocks.{i}.conv.weight"]  # [T, C, C_in, 3, 3]
             gamma = params[f"blocks.{i}.norm.weight"].reshape(-1)
             beta = params[f"blocks.{i}.norm.bias"].reshape(-1)
-            fused = usable(h)  # one pass for pooling + statistics (pipeline/kernels)
+            positive = bool((gamma > 0).all())
+            # patch moments are cheaper only when 9*C_in << hidden (Omniglot: 9 vs 64)
+            patch_stats = (
+                i == 0 and norm == "batch" and 36 * x.shape[2] <= weight.shape[1]
+                and not x.requires_grad
+            )
             pooled = None
+            if low is not None:
+                h = h.to(low)  # a no-op where already low
+            if patch_stats and positive and usable(h):
+                # the first convolution and its pooling as one kernel (pipeline/kernels): the
+                # largest activation of the network is never written
+                pooled, fused = stem_pool(h, weight, t), True
+            else:
+                h = _Conv3x3.apply(h, _conv_weights(weight, low), t)
+                fused = usable(h)  # one pass for pooling + statistics (pipeline/kernels)
             if norm == "batch":
-                if i == 0 and 4 * 9 * x.shape[2] <= w.shape[0] // t and not x.requires_grad:
-                    # patch moments are cheaper only when 9*C_in << hidden (Omniglot: 9 vs 64)
-                    mean, var = _first_layer_stats(x, params["blocks.0.conv.weight"])
+                if patch_stats:
+                    mean, var = _first_layer_stats(x, weight)
                 elif fused:
                     pooled, mean, var = fused_pool(h, stats=True)
                     mean, var = mean.to(x.dtype), var.to(x.dtype)
@@ -260,7 +270,7 @@ class GroupedConv4:
                 mean, var = mean[:, None, None], var[:, None, None]
             scale = gamma[:, None, None] * torch.rsqrt(var + BN_EPS)
             shift = beta[:, None, None] - mean * scale
-            if bool((gamma > 0).all()):
+            if positive:
                 # ReLU(scale*h + shift) is non-decreasing in h: pooling first gives the same
                 # values (and the same argmax), and the affine map + ReLU touch 1/4 of the data.
                 if pooled is None:

@@ -195,4 +195,79 @@ class _AffineReLUGrad(Function):
         return dg, None, dp, dscale
 
 
-__all__ = ["affine_relu", "fused_pool", "usable"]
+def stem_pool(x: Tensor, w: Tensor, tasks: int) -> Tensor:
+    """2x2 max-pool of the first block's grouped 3x3 convolution, never writing its output.
+
+    x: the input as [N, T*C_in, H, W] channels_last (no gradient), in the convolution's dtype;
+    w: per-task weights [T, C, C_in, 3, 3]. Returns [N, T*C, H/2, W/2] in x's dtype, each
+    convolution value rounded to that dtype before the max (as a stored convolution output
+    would be). Differentiable in w to any order.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t, c = w.shape[:2]
+    # [T, C_in*9, C], channel-contiguous; rounded to x's dtype as the convolution would
+    wk = w.to(x.dtype).to(compute).reshape(t, c, -1).transpose(1, 2).contiguous()
+    return _Stem.apply(x, wk, tasks)[0]
+
+
+class _Stem(Function):
+    @staticmethod
+    def forward(x, wk, tasks):  # noqa: ANN001, ANN205
+        return tuple(pool_kernels().stem_run(x, wk, tasks, None, x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, wk, tasks = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, output[1])
+        ctx.tasks, ctx.channels, ctx.w_dtype = tasks, wk.shape[2], wk.dtype
+
+    @staticmethod
+    def backward(ctx, gy, _):  # noqa: ANN001, ANN205
+        x, phase = ctx.saved_tensors
+        if gy is None:
+            return None, None, None
+        return None, _StemWeightGrad.apply(gy, x, phase, ctx.tasks, ctx.channels, ctx.w_dtype), None
+
+
+class _StemWeightGrad(Function):
+    """gw = sum over windows of gy * (the winner's input patch): linear in gy."""
+
+    @staticmethod
+    def forward(gy, x, phase, tasks, channels, w_dtype):  # noqa: ANN001, ANN205
+        return pool_kernels().stem_weight_grad(gy, x, phase, tasks, channels, w_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        gy, x, phase, tasks, _, _ = inputs
+        ctx.save_for_backward(x, phase)
+        ctx.tasks, ctx.gy_dtype = tasks, gy.dtype
+
+    @staticmethod
+    def backward(ctx, ggw):  # noqa: ANN001, ANN205
+        x, phase = ctx.saved_tensors
+        return _StemSelect.apply(x, ggw, phase, ctx.tasks, ctx.gy_dtype), *(None,) * 5
+
+
+class _StemSelect(Function):
+    """y = the convolution at each window's given winner: the adjoint of `_StemWeightGrad`."""
+
+    @staticmethod
+    def forward(x, wk, phase, tasks, out_dtype):  # noqa: ANN001, ANN205
+        return pool_kernels().stem_run(x, wk.contiguous(), tasks, phase, out_dtype)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, wk, phase, tasks, _ = inputs
+        ctx.save_for_backward(x, phase)
+        ctx.tasks, ctx.channels, ctx.w_dtype = tasks, wk.shape[2], wk.dtype
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, phase = ctx.saved_tensors
+        gw = _StemWeightGrad.apply(gy, x, phase, ctx.tasks, ctx.channels, ctx.w_dtype)
+        return None, gw, None, None, None
+
+
+__all__ = ["affine_relu", "fused_pool", "stem_pool", "usable"]

@@ -15,6 +15,12 @@
 //   affine_relu_backward one read of the output gradient -> the input gradient and the
 //                        per-channel gradients of scale and shift
 //   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
+//   stem_forward / stem_weight_grad / stem_select
+//                        the FIRST block's 3x3 convolution fused with its 2x2 max-pool, for
+//                        few input channels (Omniglot: 1): the full-resolution convolution
+//                        output, the largest activation of the network, is never written.
+//                        Its BatchNorm statistics come from input patch moments instead
+//                        (models._first_layer_stats); the input takes no gradient.
 //
 // Ties and NaNs resolve as in PyTorch's max_pool2d: the first maximum in row-major window
 // order wins, a NaN always wins. Floor mode: a trailing odd row/column is not pooled but is
@@ -197,6 +203,88 @@ void affine_relu_grad_grad_row(const out_t* __restrict__ g, const out_t* __restr
     dg[c] = narrow<out_t>(live ? a : zero);
     dp[c] = narrow<in_t>(live ? ggscale[c] * gv : zero);
     dscale[c] += live ? static_cast<double>(qv) * static_cast<double>(gv) : 0.0;
+  }
+}
+
+// Stem: for one pooling window and one task, nb[k][a] is input patch entry k (k = ci*9 +
+// dy*3 + dx, the conv weight order) under window position a (0..3: (0,0), (0,1), (1,0),
+// (1,1)); w is [K][C] (channel-contiguous). v[a][c] = sum_k w[k][c] * nb[k][a].
+template <typename opmath_t>
+void stem_window_conv(const opmath_t* nb, const opmath_t* __restrict__ w, int64_t K, int64_t C,
+                      opmath_t* __restrict__ v0, opmath_t* __restrict__ v1,
+                      opmath_t* __restrict__ v2, opmath_t* __restrict__ v3) {
+  for (int64_t c = 0; c < C; ++c) v0[c] = v1[c] = v2[c] = v3[c] = opmath_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const opmath_t a = nb[4 * k], b = nb[4 * k + 1], d = nb[4 * k + 2], e = nb[4 * k + 3];
+    const opmath_t* __restrict__ wk = w + k * C;
+    for (int64_t c = 0; c < C; ++c) {
+      v0[c] += wk[c] * a;
+      v1[c] += wk[c] * b;
+      v2[c] += wk[c] * d;
+      v3[c] += wk[c] * e;
+    }
+  }
+}
+
+// The value a convolution written in raw_t would hold (bfloat16: rounded), as opmath.
+template <typename raw_t, typename opmath_t> inline opmath_t as_stored(opmath_t v) {
+  return widen(narrow<raw_t>(v));
+}
+
+template <typename raw_t, typename opmath_t>
+void stem_pool_row(const opmath_t* __restrict__ v0, const opmath_t* __restrict__ v1,
+                   const opmath_t* __restrict__ v2, const opmath_t* __restrict__ v3, int64_t C,
+                   raw_t* __restrict__ y, uint8_t* __restrict__ phase) {
+  for (int64_t c = 0; c < C; ++c) {
+    opmath_t best = as_stored<raw_t>(v0[c]);
+    uint8_t p = 0;
+    opmath_t v = as_stored<raw_t>(v1[c]);
+    bool take = (v > best) | (v != v);
+    best = take ? v : best;
+    p = take ? 1 : p;
+    v = as_stored<raw_t>(v2[c]);
+    take = (v > best) | (v != v);
+    best = take ? v : best;
+    p = take ? 2 : p;
+    v = as_stored<raw_t>(v3[c]);
+    take = (v > best) | (v != v);
+    best = take ? v : best;
+    p = take ? 3 : p;
+    y[c] = narrow<raw_t>(best);
+    phase[c] = p;
+  }
+}
+
+template <typename raw_t, typename opmath_t>
+void stem_select_row(const opmath_t* __restrict__ v0, const opmath_t* __restrict__ v1,
+                     const opmath_t* __restrict__ v2, const opmath_t* __restrict__ v3,
+                     const uint8_t* __restrict__ phase, int64_t C, raw_t* __restrict__ y) {
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t k = phase[c];
+    const opmath_t a = (k & 1) ? v1[c] : v0[c];
+    const opmath_t b = (k & 1) ? v3[c] : v2[c];
+    y[c] = narrow<raw_t>((k & 2) ? b : a);
+  }
+}
+
+// acc[k][c] += g[c] * nb[k][phase[c]]
+template <typename raw_t, typename opmath_t>
+void stem_grad_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ phase,
+                      const opmath_t* nb, int64_t K, int64_t C, opmath_t* __restrict__ g0,
+                      opmath_t* __restrict__ g1, opmath_t* __restrict__ g2,
+                      opmath_t* __restrict__ g3, opmath_t* __restrict__ acc) {
+  for (int64_t c = 0; c < C; ++c) {
+    const opmath_t v = widen(g[c]), zero = 0;
+    const uint8_t k = phase[c];
+    g0[c] = k == 0 ? v : zero;
+    g1[c] = k == 1 ? v : zero;
+    g2[c] = k == 2 ? v : zero;
+    g3[c] = k == 3 ? v : zero;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const opmath_t a = nb[4 * k], b = nb[4 * k + 1], d = nb[4 * k + 2], e = nb[4 * k + 3];
+    opmath_t* __restrict__ out = acc + k * C;
+    for (int64_t c = 0; c < C; ++c) out[c] += g0[c] * a + g1[c] * b + g2[c] * d + g3[c] * e;
   }
 }
 
@@ -506,6 +594,132 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
   return {dg, dp, dscale};
 }
 
+// Input patches of one pooling window (i, j), task t: nb[k][a], zero padded.
+template <typename raw_t, typename opmath_t>
+void stem_patches(const raw_t* x, int64_t H, int64_t W, int64_t TCi, int64_t Ci, int64_t n,
+                  int64_t t, int64_t i, int64_t j, opmath_t* nb) {
+  for (int64_t ci = 0; ci < Ci; ++ci) {
+    for (int64_t dy = 0; dy < 3; ++dy) {
+      for (int64_t dx = 0; dx < 3; ++dx) {
+        const int64_t k = ci * 9 + dy * 3 + dx;
+        for (int64_t a = 0; a < 4; ++a) {
+          const int64_t yy = 2 * i + (a >> 1) + dy - 1, xx = 2 * j + (a & 1) + dx - 1;
+          const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < W;
+          nb[4 * k + a] = inside ? widen(x[((n * H + yy) * W + xx) * TCi + t * Ci + ci])
+                                 : opmath_t(0);
+        }
+      }
+    }
+  }
+}
+
+struct StemShape {
+  int64_t N, H, W, T, Ci, C, K, Ho, Wo;
+};
+
+StemShape stem_shape(const Tensor& x, const Tensor& w, int64_t tasks) {
+  check_cl(x, "x");
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == tasks && w.is_contiguous(),
+              "stem: w must be a contiguous [T, C_in*9, C] tensor");
+  StemShape s{x.size(0), x.size(2), x.size(3), tasks, x.size(1) / tasks, w.size(2), w.size(1),
+              x.size(2) / 2, x.size(3) / 2};
+  TORCH_CHECK(s.Ci * tasks == x.size(1) && s.K == s.Ci * 9 && s.Ho >= 1 && s.Wo >= 1,
+              "stem: shapes do not match");
+  return s;
+}
+
+// mode 0: (pooled, phase) = max over each window of conv(x, w); mode 1: y = conv(x, w) at
+// the given phase, not rounded (the adjoint of stem_weight_grad).
+std::vector<Tensor> stem_run(const Tensor& x, const Tensor& w, int64_t tasks,
+                             const c10::optional<Tensor>& given_phase, at::ScalarType out_dtype) {
+  const StemShape s = stem_shape(x, w, tasks);
+  const bool select = given_phase.has_value();
+  Tensor y = empty_cl({s.N, s.T * s.C, s.Ho, s.Wo}, x.options().dtype(out_dtype));
+  Tensor phase = select ? given_phase->contiguous(at::MemoryFormat::ChannelsLast)
+                        : empty_cl({s.N, s.T * s.C, s.Ho, s.Wo}, x.options().dtype(at::kByte));
+  dispatch_pair(x.scalar_type(), out_dtype, "stem", [&](auto in_v, auto out_v, auto op_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    using opmath_t = decltype(op_v);
+    TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<opmath_t>::value,
+                "stem: w must be in the compute dtype");
+    const in_t* xp = static_cast<const in_t*>(x.const_data_ptr());
+    const opmath_t* wp = w.const_data_ptr<opmath_t>();
+    out_t* yp = static_cast<out_t*>(y.data_ptr());
+    uint8_t* pp = phase.data_ptr<uint8_t>();
+    at::parallel_for(0, s.N * s.Ho, 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> nb(4 * s.K), v(4 * s.C);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / s.Ho, i = item % s.Ho;
+        for (int64_t j = 0; j < s.Wo; ++j) {
+          for (int64_t t = 0; t < s.T; ++t) {
+            stem_patches<in_t, opmath_t>(xp, s.H, s.W, s.T * s.Ci, s.Ci, n, t, i, j, nb.data());
+            opmath_t* v0 = v.data();
+            stem_window_conv(nb.data(), wp + t * s.K * s.C, s.K, s.C, v0, v0 + s.C,
+                             v0 + 2 * s.C, v0 + 3 * s.C);
+            const int64_t at = ((n * s.Ho + i) * s.Wo + j) * s.T * s.C + t * s.C;
+            if (select) {
+              stem_select_row(v0, v0 + s.C, v0 + 2 * s.C, v0 + 3 * s.C, pp + at, s.C, yp + at);
+            } else {
+              stem_pool_row(v0, v0 + s.C, v0 + 2 * s.C, v0 + 3 * s.C, s.C, yp + at, pp + at);
+            }
+          }
+        }
+      }
+    });
+  });
+  if (select) return {y};
+  return {y, phase};
+}
+
+// gw [T, C_in*9, C] (compute dtype) = sum over windows of gy * (input patch at the winner).
+Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, int64_t tasks,
+                        int64_t C, at::ScalarType w_dtype) {
+  check_cl(x, "x");
+  const Tensor g = gy.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor ph = phase.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ci = x.size(1) / tasks;
+  const int64_t K = Ci * 9, Ho = H / 2, Wo = W / 2;
+  TORCH_CHECK(g.size(1) == tasks * C && g.size(2) == Ho && g.size(3) == Wo,
+              "stem_weight_grad: gy does not match x");
+  Tensor gw = at::zeros({tasks, K, C}, x.options().dtype(w_dtype));
+  dispatch_pair(x.scalar_type(), g.scalar_type(), "stem_weight_grad", [&](auto in_v, auto out_v, auto op_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    using opmath_t = decltype(op_v);
+    TORCH_CHECK(w_dtype == c10::CppTypeToScalarType<opmath_t>::value,
+                "stem_weight_grad: w dtype must be the compute dtype");
+    const in_t* xp = static_cast<const in_t*>(x.const_data_ptr());
+    const out_t* gp = static_cast<const out_t*>(g.const_data_ptr());
+    const uint8_t* pp = ph.const_data_ptr<uint8_t>();
+    const int threads = at::get_num_threads();
+    std::vector<opmath_t> acc(static_cast<size_t>(threads) * tasks * K * C, opmath_t(0));
+    at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+      opmath_t* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * tasks * K * C;
+      std::vector<opmath_t> nb(4 * K), gs(4 * C);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / Ho, i = item % Ho;
+        for (int64_t j = 0; j < Wo; ++j) {
+          for (int64_t t = 0; t < tasks; ++t) {
+            stem_patches<in_t, opmath_t>(xp, H, W, tasks * Ci, Ci, n, t, i, j, nb.data());
+            const int64_t at = ((n * Ho + i) * Wo + j) * tasks * C + t * C;
+            opmath_t* g0 = gs.data();
+            stem_grad_window(gp + at, pp + at, nb.data(), K, C, g0, g0 + C, g0 + 2 * C,
+                             g0 + 3 * C, mine + t * K * C);
+          }
+        }
+      }
+    });
+    opmath_t* out = gw.data_ptr<opmath_t>();
+    const int64_t total = tasks * K * C;
+    for (int k = 0; k < threads; ++k) {
+      const opmath_t* part = acc.data() + static_cast<size_t>(k) * total;
+      for (int64_t e = 0; e < total; ++e) out[e] += part[e];
+    }
+  });
+  return gw;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -515,4 +729,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_forward", &affine_relu_forward, "relu(scale * p + shift), cast on write");
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
   m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");
+  m.def("stem_run", &stem_run, "first conv + 2x2 max-pool (or conv at given winners)");
+  m.def("stem_weight_grad", &stem_weight_grad, "first conv weight gradient through the pool");
 }
