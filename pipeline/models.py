@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from pipeline.kernels import pool_kernels
 from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 BN_EPS = 1e-5
@@ -451,7 +452,10 @@ class _Cast(Function):
 
     @staticmethod
     def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
-        # cast, then re-layout the (possibly halved) data: faster than both in one copy
+        kernels = pool_kernels()
+        if kernels is not None and x.device.type == "cpu" and x.dim() == 4:
+            # one pass: a small transpose per output channel (pipeline/kernels)
+            return kernels.relayout(x, dtype, memory_format == torch.channels_last)
         return x.to(dtype).contiguous(memory_format=memory_format)
 
     @staticmethod

@@ -15,6 +15,9 @@
 //   affine_relu_backward one read of the output gradient -> the input gradient and the
 //                        per-channel gradients of scale and shift
 //   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
+//   relayout             convolution weights [O, I, kh, kw] between contiguous and
+//                        channels_last, cast on the way (per output channel a small
+//                        transpose: PyTorch's generic strided copy is several times slower)
 //   stem_forward / stem_weight_grad / stem_select
 //                        the FIRST block's 3x3 convolution fused with its 2x2 max-pool, for
 //                        few input channels (Omniglot: 1): the full-resolution convolution
@@ -594,6 +597,50 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
   return {dg, dp, dscale};
 }
 
+Tensor relayout(const Tensor& x, at::ScalarType dtype, bool to_channels_last) {
+  TORCH_CHECK(x.dim() == 4, "relayout: x must be 4-d");
+  const auto from = to_channels_last ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  const Tensor src = x.contiguous(from);
+  const int64_t O = x.size(0), I = x.size(1), S = x.size(2) * x.size(3);
+  Tensor out = at::empty(x.sizes(), x.options().dtype(dtype).memory_format(
+      to_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  auto run = [&](auto in_v, auto out_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    const in_t* sp = static_cast<const in_t*>(src.const_data_ptr());
+    out_t* dp = static_cast<out_t*>(out.data_ptr());
+    // contiguous: [O][I][S]; channels_last: [O][S][I]
+    at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        const in_t* a = sp + o * I * S;
+        out_t* b = dp + o * I * S;
+        if (to_channels_last) {  // inner loop along the written (contiguous) dimension
+          for (int64_t k = 0; k < S; ++k) {
+            for (int64_t i = 0; i < I; ++i) b[k * I + i] = narrow<out_t>(widen(a[i * S + k]));
+          }
+        } else {
+          for (int64_t i = 0; i < I; ++i) {
+            for (int64_t k = 0; k < S; ++k) b[i * S + k] = narrow<out_t>(widen(a[k * I + i]));
+          }
+        }
+      }
+    });
+  };
+  const auto in = x.scalar_type();
+  if (in == at::kFloat && dtype == at::kBFloat16) {
+    run(float{}, uint16_t{});
+  } else if (in == at::kBFloat16 && dtype == at::kFloat) {
+    run(uint16_t{}, float{});
+  } else if (in == at::kFloat && dtype == at::kFloat) {
+    run(float{}, float{});
+  } else if (in == at::kDouble && dtype == at::kDouble) {
+    run(double{}, double{});
+  } else {
+    TORCH_CHECK(false, "relayout: unsupported dtypes ", in, " -> ", dtype);
+  }
+  return out;
+}
+
 // Input patches of one pooling window (i, j), task t: nb[k][a], zero padded.
 template <typename raw_t, typename opmath_t>
 void stem_patches(const raw_t* x, int64_t H, int64_t W, int64_t TCi, int64_t Ci, int64_t n,
@@ -729,6 +776,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_forward", &affine_relu_forward, "relu(scale * p + shift), cast on write");
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
   m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");
+  m.def("relayout", &relayout, "weights between contiguous and channels_last, cast");
   m.def("stem_run", &stem_run, "first conv + 2x2 max-pool (or conv at given winners)");
   m.def("stem_weight_grad", &stem_weight_grad, "first conv weight gradient through the pool");
 }
