@@ -198,16 +198,21 @@ class _AffineReLUGrad(Function):
 def stem_pool(x: Tensor, w: Tensor, tasks: int) -> Tensor:
     """2x2 max-pool of the first block's grouped 3x3 convolution, never writing its output.
 
-    x: the input as [N, T*C_in, H, W] channels_last (no gradient), in the convolution's dtype;
+    x: the input as [N, T*C_in, H, W] (no gradient), in the convolution's dtype;
     w: per-task weights [T, C, C_in, 3, 3]. Returns [N, T*C, H/2, W/2] in x's dtype, each
     convolution value rounded to that dtype before the max (as a stored convolution output
     would be). Differentiable in w to any order.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     t, c = w.shape[:2]
+    n, channels, height, width = x.shape
+    padded = torch.empty(
+        (n, channels, height + 2, width + 2), dtype=x.dtype, memory_format=torch.channels_last
+    ).zero_()
+    padded[:, :, 1:-1, 1:-1] = x  # the kernels read patches without bounds checks
     # [T, C_in*9, C], channel-contiguous; rounded to x's dtype as the convolution would
     wk = w.to(x.dtype).to(compute).reshape(t, c, -1).transpose(1, 2).contiguous()
-    return _Stem.apply(x, wk, tasks)[0]
+    return _Stem.apply(padded, wk, tasks)[0]
 
 
 class _Stem(Function):

@@ -641,20 +641,25 @@ Tensor relayout(const Tensor& x, at::ScalarType dtype, bool to_channels_last) {
   return out;
 }
 
-// Input patches of one pooling window (i, j), task t: nb[k][a], zero padded.
+// Input patches of one pooling window (i, j), task t: nb[k][a]. x is zero padded by one
+// pixel on every side ([N, H+2, W+2, T*C_in]), so there are no bounds to check.
 template <typename raw_t, typename opmath_t>
-void stem_patches(const raw_t* x, int64_t H, int64_t W, int64_t TCi, int64_t Ci, int64_t n,
+void stem_patches(const raw_t* x, int64_t Hp, int64_t Wp, int64_t TCi, int64_t Ci, int64_t n,
                   int64_t t, int64_t i, int64_t j, opmath_t* nb) {
   for (int64_t ci = 0; ci < Ci; ++ci) {
+    // the 4x4 neighbourhood shared by the window's four 3x3 patches
+    opmath_t v[4][4];
+    for (int64_t r = 0; r < 4; ++r) {
+      const raw_t* row = x + ((n * Hp + 2 * i + r) * Wp + 2 * j) * TCi + t * Ci + ci;
+      for (int64_t q = 0; q < 4; ++q) v[r][q] = widen(row[q * TCi]);
+    }
     for (int64_t dy = 0; dy < 3; ++dy) {
       for (int64_t dx = 0; dx < 3; ++dx) {
-        const int64_t k = ci * 9 + dy * 3 + dx;
-        for (int64_t a = 0; a < 4; ++a) {
-          const int64_t yy = 2 * i + (a >> 1) + dy - 1, xx = 2 * j + (a & 1) + dx - 1;
-          const bool inside = yy >= 0 && yy < H && xx >= 0 && xx < W;
-          nb[4 * k + a] = inside ? widen(x[((n * H + yy) * W + xx) * TCi + t * Ci + ci])
-                                 : opmath_t(0);
-        }
+        opmath_t* out = nb + 4 * (ci * 9 + dy * 3 + dx);
+        out[0] = v[dy][dx];
+        out[1] = v[dy][dx + 1];
+        out[2] = v[dy + 1][dx];
+        out[3] = v[dy + 1][dx + 1];
       }
     }
   }
@@ -668,8 +673,9 @@ StemShape stem_shape(const Tensor& x, const Tensor& w, int64_t tasks) {
   check_cl(x, "x");
   TORCH_CHECK(w.dim() == 3 && w.size(0) == tasks && w.is_contiguous(),
               "stem: w must be a contiguous [T, C_in*9, C] tensor");
-  StemShape s{x.size(0), x.size(2), x.size(3), tasks, x.size(1) / tasks, w.size(2), w.size(1),
-              x.size(2) / 2, x.size(3) / 2};
+  // x is padded: H, W are the unpadded sides
+  const int64_t H = x.size(2) - 2, W = x.size(3) - 2;
+  StemShape s{x.size(0), H, W, tasks, x.size(1) / tasks, w.size(2), w.size(1), H / 2, W / 2};
   TORCH_CHECK(s.Ci * tasks == x.size(1) && s.K == s.Ci * 9 && s.Ho >= 1 && s.Wo >= 1,
               "stem: shapes do not match");
   return s;
@@ -700,7 +706,8 @@ std::vector<Tensor> stem_run(const Tensor& x, const Tensor& w, int64_t tasks,
         const int64_t n = item / s.Ho, i = item % s.Ho;
         for (int64_t j = 0; j < s.Wo; ++j) {
           for (int64_t t = 0; t < s.T; ++t) {
-            stem_patches<in_t, opmath_t>(xp, s.H, s.W, s.T * s.Ci, s.Ci, n, t, i, j, nb.data());
+            stem_patches<in_t, opmath_t>(xp, s.H + 2, s.W + 2, s.T * s.Ci, s.Ci, n, t, i, j,
+                                         nb.data());
             opmath_t* v0 = v.data();
             stem_window_conv(nb.data(), wp + t * s.K * s.C, s.K, s.C, v0, v0 + s.C,
                              v0 + 2 * s.C, v0 + 3 * s.C);
@@ -725,7 +732,7 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
   check_cl(x, "x");
   const Tensor g = gy.contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor ph = phase.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ci = x.size(1) / tasks;
+  const int64_t N = x.size(0), H = x.size(2) - 2, W = x.size(3) - 2, Ci = x.size(1) / tasks;
   const int64_t K = Ci * 9, Ho = H / 2, Wo = W / 2;
   TORCH_CHECK(g.size(1) == tasks * C && g.size(2) == Ho && g.size(3) == Wo,
               "stem_weight_grad: gy does not match x");
@@ -748,7 +755,7 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
         const int64_t n = item / Ho, i = item % Ho;
         for (int64_t j = 0; j < Wo; ++j) {
           for (int64_t t = 0; t < tasks; ++t) {
-            stem_patches<in_t, opmath_t>(xp, H, W, tasks * Ci, Ci, n, t, i, j, nb.data());
+            stem_patches<in_t, opmath_t>(xp, H + 2, W + 2, tasks * Ci, Ci, n, t, i, j, nb.data());
             const int64_t at = ((n * Ho + i) * Wo + j) * tasks * C + t * C;
             opmath_t* g0 = gs.data();
             stem_grad_window(gp + at, pp + at, nb.data(), K, C, g0, g0 + C, g0 + 2 * C,
