@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 from pipeline import settings  # noqa: E402
 
 
+def pytest_sessionstart(session) -> None:
+    """Build (or load) the fused CPU kernels once, before any test or Ray worker needs them."""
+    from pipeline.kernels import pool_kernels
+
+    pool_kernels()
+
+
 @pytest.fixture(scope="session")
 def omniglot_zips() -> list[Path]:
     """The two Omniglot minimal background zips; skips when the shared data is absent."""

@@ -217,9 +217,10 @@ def test_adapt_and_predict_equals_reference_loop(key: str) -> None:
         torch.testing.assert_close(logits, ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("key", ["maml", "protonet"])
+@pytest.mark.parametrize("key", ["maml", "fomaml", "reptile", "protonet"])
 def test_wide_first_layer_equals_reference_loop(key: str) -> None:
-    """hidden >= 36 * C_in: the first BatchNorm's statistics come from input patch moments."""
+    """hidden >= 36 * C_in: the first BatchNorm's statistics come from input patch moments
+    (and, with the fused kernels, the first convolution runs fused with its pooling)."""
     lrn = learner(key, hidden=40)
     params = lrn.init_params()
     ep = episodes(tasks=2)

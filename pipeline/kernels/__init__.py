@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -38,9 +39,17 @@ def _build() -> ModuleType | None:
     if capability in ("avx2", "avx512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"anole_pool_{capability}_{digest}"
+    try:
+        built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    except Exception:  # a private helper: only decides whether to say something
+        built = None
+    if built is not None and not built.exists():
+        print("anole: building the fused CPU kernels (once per machine, about a minute)...",
+              file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(
-            name=f"anole_pool_{capability}_{digest}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],

@@ -65,7 +65,9 @@ class _FusedPool(Function):
             gx = None if gy is None else _Unpool.apply(gy, phase, h.shape, None, None, None)
             return gx, None
         if gy is None:
-            gy = torch.zeros(ctx.pooled_shape, dtype=h.dtype, memory_format=torch.channels_last)
+            gy = torch.empty(
+                ctx.pooled_shape, dtype=h.dtype, memory_format=torch.channels_last
+            ).zero_()
         m = h.numel() // h.shape[1]
         gm = torch.zeros_like(mean) if gm is None else gm
         gv = torch.zeros_like(mean) if gv is None else gv
