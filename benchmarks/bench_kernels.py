@@ -5,6 +5,10 @@
 * ReLU and 2x2 max-pool of a [360, 64, 28, 28] channels_last tensor with glibc's default
   thresholds vs `pipeline.allocator.keep_large_allocations()` (each in its own process, since
   the setting is per process).
+* The fused kernels of `pipeline/kernels` against the stock PyTorch ops they replace, on the
+  first block of a 16-task MAML chunk (5 images per task, conv4-64, 28x28, bfloat16):
+  pooling + BatchNorm statistics, unpooling + the statistics' gradient, affine + ReLU + cast,
+  its backward, and the first convolution fused with its pooling.
 
     python benchmarks/bench_kernels.py
 """
@@ -57,6 +61,54 @@ def memory_bound(keep: bool) -> dict[str, float]:
     return {f"relu {label}": ms(lambda: F.relu(x)), f"max_pool2d {label}": ms(lambda: F.max_pool2d(x, 2))}
 
 
+def fused_kernels() -> dict[str, float]:
+    """Each fused kernel and the PyTorch ops it replaces, same inputs (first block, bfloat16)."""
+    from pipeline.allocator import keep_large_allocations
+    from pipeline.kernels import cpu_kernels
+
+    keep_large_allocations()
+    kernels = cpu_kernels()
+    if kernels is None:
+        return {}
+    cl, bf = torch.channels_last, torch.bfloat16
+    n, tasks, c = 5, 16, 64
+    h = torch.randn(n, tasks * c, 28, 28).to(bf).contiguous(memory_format=cl)
+    y, idx = F.max_pool2d_with_indices(h, 2)
+    _, phase, _, _ = kernels.pool_stats_forward(h, True)
+    gy = torch.randn_like(y)
+    scale, shift = torch.rand(tasks * c) + 0.5, torch.randn(tasks * c)
+    out = F.relu(y.float() * scale[:, None, None] + shift[:, None, None]).to(bf)
+    x = torch.rand(n, tasks, 28, 28).to(bf).contiguous(memory_format=cl)
+    w = torch.randn(tasks * c, 1, 3, 3).to(bf)
+    wk = w.float().reshape(tasks, c, 9).transpose(1, 2).contiguous()
+    pad = torch.zeros(n, tasks, 30, 30, dtype=bf).contiguous(memory_format=cl)
+    pad[:, :, 1:-1, 1:-1] = x
+
+    def torch_affine_backward() -> None:
+        g = gy.float() * (out > 0)
+        (g * scale[:, None, None]).to(bf), (g * y).sum((0, 2, 3)), g.sum((0, 2, 3))
+
+    return {
+        "pool+stats torch": ms(lambda: (F.max_pool2d_with_indices(h, 2),
+                                        torch.batch_norm_update_stats(h, None, None, 0.0))),
+        "pool+stats fused": ms(lambda: kernels.pool_stats_forward(h, True)),
+        "unpool+stats grad torch": ms(lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+            gy, h, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
+        ) + torch.addcmul(shift[:, None, None], h, scale[:, None, None]).to(bf)),
+        "unpool+stats grad fused": ms(lambda: kernels.pool_backward(gy, phase, 28, 28, h, scale,
+                                                                    shift)),
+        "affine+relu+cast torch": ms(
+            lambda: F.relu(y * scale[:, None, None] + shift[:, None, None]).to(bf)
+        ),
+        "affine+relu+cast fused": ms(lambda: kernels.affine_relu_forward(y, scale, shift, bf)),
+        "affine+relu backward torch": ms(torch_affine_backward),
+        "affine+relu backward fused": ms(lambda: kernels.affine_relu_backward(gy, out, y, scale)),
+        "conv1+pool torch": ms(lambda: F.max_pool2d_with_indices(
+            F.conv2d(x, w, padding=1, groups=tasks), 2)),
+        "conv1+pool fused (stem)": ms(lambda: kernels.stem_run(pad, wk, tasks, None, bf)),
+    }
+
+
 def main() -> None:
     threads = 2
     torch.set_num_threads(threads)
@@ -64,6 +116,7 @@ def main() -> None:
         print(json.dumps(memory_bound(sys.argv[2] == "keep")))
         return
     results = convolutions()
+    results.update(fused_kernels())
     for mode in ("default", "keep"):
         env = {**os.environ, "ANOLE_MALLOC_TUNING": "1"}
         child = subprocess.run([sys.executable, __file__, "--memory", mode], env=env,

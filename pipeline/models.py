@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from pipeline.kernels import pool_kernels
+from pipeline.kernels import cpu_kernels
 from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 BN_EPS = 1e-5
@@ -452,7 +452,7 @@ class _Cast(Function):
 
     @staticmethod
     def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
-        kernels = pool_kernels()
+        kernels = cpu_kernels()
         if kernels is not None and x.device.type == "cpu" and x.dim() == 4:
             # one pass: a small transpose per output channel (pipeline/kernels)
             return kernels.relayout(x, dtype, memory_format == torch.channels_last)

@@ -17,9 +17,9 @@ from pipeline import settings  # noqa: E402
 
 def pytest_sessionstart(session) -> None:
     """Build (or load) the fused CPU kernels once, before any test or Ray worker needs them."""
-    from pipeline.kernels import pool_kernels
+    from pipeline.kernels import cpu_kernels
 
-    pool_kernels()
+    cpu_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from pipeline.kernels import enabled, pool_kernels
+from pipeline.kernels import enabled, cpu_kernels
 from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 CL = torch.channels_last
@@ -25,7 +25,7 @@ CL = torch.channels_last
 @pytest.fixture(scope="module")
 def kernels():
     """The compiled module; a build failure fails the test when ANOLE_REQUIRE_KERNELS=1 (CI)."""
-    module = pool_kernels()
+    module = cpu_kernels()
     if module is None:
         if os.environ.get("ANOLE_REQUIRE_KERNELS") == "1":
             pytest.fail("the fused kernels did not build (see the RuntimeWarning above)")
@@ -141,7 +141,7 @@ def test_relayout_equals_torch_copies(kernels) -> None:
 
 def test_kill_switch(monkeypatch) -> None:
     monkeypatch.setenv("ANOLE_KERNELS", "0")
-    assert not enabled() and pool_kernels() is None
+    assert not enabled() and cpu_kernels() is None
     assert not usable(activation((1, 2, 4, 4), torch.float32))
 
 

@@ -1,7 +1,8 @@
 """Optional fused CPU kernels (C++, compiled on first use), with a pure-PyTorch fallback.
 
-`pool_kernels()` returns the compiled module of `pool.cpp` (2x2 max-pooling fused with
-BatchNorm statistics and their gradients, see there), or None where it cannot be had:
+`cpu_kernels()` returns the compiled module of `cpu.cpp` (2x2 max-pooling fused with BatchNorm
+statistics, the affine map + ReLU, the first convolution fused with its pooling, and their
+derivatives; see there and `fused.py`), or None where it cannot be had:
 
 * `ANOLE_KERNELS=0` in the environment (the kill switch; tests use it to compare paths),
 * no C++ compiler or build failure (one warning, then the fallback for the process).
@@ -21,7 +22,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("pool.cpp")
+SOURCE = Path(__file__).with_name("cpu.cpp")
 
 
 def enabled() -> bool:
@@ -39,7 +40,7 @@ def _build() -> ModuleType | None:
     if capability in ("avx2", "avx512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    name = f"anole_pool_{capability}_{digest}"
+    name = f"anole_cpu_{capability}_{digest}"
     try:
         built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
     except Exception:  # a private helper: only decides whether to say something
@@ -65,9 +66,9 @@ def _build() -> ModuleType | None:
         return None
 
 
-def pool_kernels() -> ModuleType | None:
+def cpu_kernels() -> ModuleType | None:
     """The compiled pooling kernels, or None (disabled or unavailable)."""
     return _build() if enabled() else None
 
 
-__all__ = ["enabled", "pool_kernels"]
+__all__ = ["enabled", "cpu_kernels"]

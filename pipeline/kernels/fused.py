@@ -1,10 +1,15 @@
-"""Autograd over the fused pooling kernels of `pool.cpp`, differentiable to any order.
+"""Autograd over the fused CPU kernels of `cpu.cpp`, each differentiable to any order.
 
-`fused_pool(h, stats)` is `F.max_pool2d(h, 2)` (and, with `stats`, the per-channel batch
-mean and biased variance of h) for channels_last CPU activations, in one pass over h. The
-backward pass is one pass too: gx = unpool(gy) + c * h + offset, where the statistics'
-gradient is folded into c and offset per channel. Each kernel's derivative is written with the
-others (unpool <-> gather), so second-order MAML runs on them as well.
+* `fused_pool(h, stats)`: `F.max_pool2d(h, 2)` and, with `stats`, h's per-channel batch mean
+  and biased variance, in one pass over h. Its backward is one pass too: gx = unpool(gy) +
+  c * h + offset, the statistics' gradient folded into c and offset per channel.
+* `affine_relu(p, scale, shift, dtype)`: relu(scale * p + shift) written straight in the next
+  convolution's dtype; its backward reads the output gradient once for all three gradients.
+* `stem_pool(x, w, tasks)`: the first block's convolution fused with its pooling.
+
+Each kernel's derivative is written with the others (unpool <-> gather, stem <-> its weight
+gradient), so second-order MAML runs on them as well. `usable(h)` says when they apply; the
+callers (`pipeline.models.GroupedConv4`) fall back to PyTorch ops otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from pipeline.kernels import pool_kernels
+from pipeline.kernels import cpu_kernels
 
 
 def usable(h: Tensor) -> bool:
@@ -25,7 +30,7 @@ def usable(h: Tensor) -> bool:
         and h.shape[3] >= 2
         and h.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and h.is_contiguous(memory_format=torch.channels_last)
-        and pool_kernels() is not None
+        and cpu_kernels() is not None
     )
 
 
@@ -43,7 +48,7 @@ class _FusedPool(Function):
 
     @staticmethod
     def forward(h: Tensor, stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        out = pool_kernels().pool_stats_forward(h, stats)
+        out = cpu_kernels().pool_stats_forward(h, stats)
         if not stats:
             none = h.new_empty(0, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
             out = [*out, none, none]
@@ -83,7 +88,7 @@ class _Unpool(Function):
     @staticmethod
     def forward(gy, phase, shape, h, c, offset):  # noqa: ANN001, ANN205
         gy = gy.contiguous(memory_format=torch.channels_last)
-        return pool_kernels().pool_backward(gy, phase, shape[2], shape[3], h, c, offset)
+        return cpu_kernels().pool_backward(gy, phase, shape[2], shape[3], h, c, offset)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -116,7 +121,7 @@ class _Gather(Function):
     @staticmethod
     def forward(x, phase):  # noqa: ANN001, ANN205
         x = x.contiguous(memory_format=torch.channels_last)
-        return pool_kernels().pool_gather(x, phase)
+        return cpu_kernels().pool_gather(x, phase)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -138,7 +143,7 @@ def affine_relu(p: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype)
 class _AffineReLU(Function):
     @staticmethod
     def forward(p, scale, shift, out_dtype):  # noqa: ANN001, ANN205
-        return pool_kernels().affine_relu_forward(p, scale, shift, out_dtype)
+        return cpu_kernels().affine_relu_forward(p, scale, shift, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -158,7 +163,7 @@ class _AffineReLUGrad(Function):
 
     @staticmethod
     def forward(g, out, p, scale):  # noqa: ANN001, ANN205
-        return tuple(pool_kernels().affine_relu_backward(g, out, p, scale))
+        return tuple(cpu_kernels().affine_relu_backward(g, out, p, scale))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -171,7 +176,7 @@ class _AffineReLUGrad(Function):
         g, out, p, scale = ctx.saved_tensors
         if ggp is not None:  # one fused pass (out gets no gradient: the mask is flat)
             zeros = torch.zeros_like(scale)
-            dg, dp, dscale = pool_kernels().affine_relu_double_backward(
+            dg, dp, dscale = cpu_kernels().affine_relu_double_backward(
                 g, out, p, scale, ggp,
                 zeros if ggscale is None else ggscale,
                 zeros if ggshift is None else ggshift,
@@ -220,7 +225,7 @@ def stem_pool(x: Tensor, w: Tensor, tasks: int) -> Tensor:
 class _Stem(Function):
     @staticmethod
     def forward(x, wk, tasks):  # noqa: ANN001, ANN205
-        return tuple(pool_kernels().stem_run(x, wk, tasks, None, x.dtype))
+        return tuple(cpu_kernels().stem_run(x, wk, tasks, None, x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -243,7 +248,7 @@ class _StemWeightGrad(Function):
 
     @staticmethod
     def forward(gy, x, phase, tasks, channels, w_dtype):  # noqa: ANN001, ANN205
-        return pool_kernels().stem_weight_grad(gy, x, phase, tasks, channels, w_dtype)
+        return cpu_kernels().stem_weight_grad(gy, x, phase, tasks, channels, w_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -262,7 +267,7 @@ class _StemSelect(Function):
 
     @staticmethod
     def forward(x, wk, phase, tasks, out_dtype):  # noqa: ANN001, ANN205
-        return pool_kernels().stem_run(x, wk.contiguous(), tasks, phase, out_dtype)[0]
+        return cpu_kernels().stem_run(x, wk.contiguous(), tasks, phase, out_dtype)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001

@@ -1,9 +1,10 @@
-// Fused 2x2 max-pooling + BatchNorm statistics for channels_last activations (CPU).
+// Fused CPU kernels for GroupedConv4's channels_last activations (pipeline/models.py).
 //
-// GroupedConv4 pools every convolution output and takes its per-channel batch statistics.
-// Done with stock ops, that is two reads of the activation forward (statistics, pooling, plus
-// int64 argmax indices as large as the bf16 activation itself) and, backward, a zero fill, a
-// scalar scatter, the statistics' gradient as its own tensor and a sum of the two. Here:
+// Each block of the network is conv -> BatchNorm statistics -> 2x2 max-pool -> affine -> ReLU
+// -> cast for the next conv. With stock ops that is a pass over a large activation per step,
+// forward and backward (plus int64 argmax indices as large as a bfloat16 activation, a zero
+// fill and a scalar scatter for the unpooling); on a 2-core CPU with bfloat16 convolutions,
+// those passes, not the convolutions, were most of a meta-gradient. Here:
 //
 //   pool_stats_forward   one read of h -> pooled y, a uint8 window phase (0..3: which of the
 //                        (0,0), (0,1), (1,0), (1,1) positions won), per-channel mean and var
@@ -16,14 +17,16 @@
 //                        per-channel gradients of scale and shift
 //   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
 //   relayout             convolution weights [O, I, kh, kw] between contiguous and
-//                        channels_last, cast on the way (per output channel a small
-//                        transpose: PyTorch's generic strided copy is several times slower)
-//   stem_forward / stem_weight_grad / stem_select
+//                        channels_last, cast on the way (a small transpose per output channel)
+//   stem_run / stem_weight_grad
 //                        the FIRST block's 3x3 convolution fused with its 2x2 max-pool, for
 //                        few input channels (Omniglot: 1): the full-resolution convolution
 //                        output, the largest activation of the network, is never written.
 //                        Its BatchNorm statistics come from input patch moments instead
 //                        (models._first_layer_stats); the input takes no gradient.
+//
+// The Python side (fused.py) wraps each in an autograd Function whose derivatives are the
+// others, so every order of derivative (second-order MAML) stays on these kernels.
 //
 // Ties and NaNs resolve as in PyTorch's max_pool2d: the first maximum in row-major window
 // order wins, a NaN always wins. Floor mode: a trailing odd row/column is not pooled but is
