@@ -294,6 +294,26 @@ void stem_grad_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ p
   }
 }
 
+// Per-thread partial sums of `width` values for a parallel_for, then their totals.
+template <typename T>
+class ThreadSums {
+ public:
+  explicit ThreadSums(int64_t width)
+      : width_(width), threads_(at::get_num_threads()),
+        acc_(static_cast<size_t>(threads_) * width, T(0)) {}
+  T* mine() { return acc_.data() + static_cast<size_t>(at::get_thread_num()) * width_; }
+  T total(int64_t e) const {
+    T sum = 0;
+    for (int k = 0; k < threads_; ++k) sum += acc_[static_cast<size_t>(k) * width_ + e];
+    return sum;
+  }
+
+ private:
+  int64_t width_;
+  int threads_;
+  std::vector<T> acc_;
+};
+
 void check_cl(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
               name, " must be a 4-d channels_last tensor");
@@ -317,11 +337,10 @@ std::vector<Tensor> pool_stats_forward(const Tensor& h, bool stats) {
     const raw_t* hp = raw<scalar_t>(h);
     raw_t* yp = raw_mut<scalar_t>(y);
     uint8_t* pp = phase.data_ptr<uint8_t>();
-    const int threads = at::get_num_threads();
-    std::vector<double> acc(stats ? static_cast<size_t>(threads) * 2 * C : 0, 0.0);
+    ThreadSums<double> sums(stats ? 2 * C : 0);  // sum, sum of squares
     // one work item: image n, input rows 2r and 2r + 1 (pooled into output row r if r < Ho)
     at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
-      double* sum = stats ? acc.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C : nullptr;
+      double* sum = stats ? sums.mine() : nullptr;
       double* sumsq = stats ? sum + C : nullptr;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / R, r = item % R;
@@ -349,14 +368,9 @@ std::vector<Tensor> pool_stats_forward(const Tensor& h, bool stats) {
       opmath_t* vp = var.data_ptr<opmath_t>();
       const double count = static_cast<double>(N * H * W);
       for (int64_t c = 0; c < C; ++c) {
-        double s = 0.0, s2 = 0.0;
-        for (int t = 0; t < threads; ++t) {
-          s += acc[static_cast<size_t>(t) * 2 * C + c];
-          s2 += acc[static_cast<size_t>(t) * 2 * C + C + c];
-        }
-        const double m = s / count;
+        const double m = sums.total(c) / count;
         mp[c] = static_cast<opmath_t>(m);
-        vp[c] = static_cast<opmath_t>(std::max(s2 / count - m * m, 0.0));
+        vp[c] = static_cast<opmath_t>(std::max(sums.total(C + c) / count - m * m, 0.0));
       }
     }
   });
@@ -519,10 +533,9 @@ std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, con
     const in_t* pptr = static_cast<const in_t*>(p.const_data_ptr());
     in_t* gpp = static_cast<in_t*>(gp.data_ptr());
     const opmath_t* scp = sc.const_data_ptr<opmath_t>();
-    const int threads = at::get_num_threads();
-    std::vector<double> acc(static_cast<size_t>(threads) * 2 * C, 0.0);
+    ThreadSums<double> sums(2 * C);  // gscale, gshift
     at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
-      double* gs = acc.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+      double* gs = sums.mine();
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t at = pos * C;
         affine_relu_grad_row(gptr + at, optr + at, pptr + at, scp, C, gpp + at, gs, gs + C);
@@ -533,13 +546,8 @@ std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, con
     opmath_t* a = gscale.data_ptr<opmath_t>();
     opmath_t* b = gshift.data_ptr<opmath_t>();
     for (int64_t c = 0; c < C; ++c) {
-      double s = 0.0, t = 0.0;
-      for (int k = 0; k < threads; ++k) {
-        s += acc[static_cast<size_t>(k) * 2 * C + c];
-        t += acc[static_cast<size_t>(k) * 2 * C + C + c];
-      }
-      a[c] = static_cast<opmath_t>(s);
-      b[c] = static_cast<opmath_t>(t);
+      a[c] = static_cast<opmath_t>(sums.total(c));
+      b[c] = static_cast<opmath_t>(sums.total(C + c));
     }
   });
   return {gp, gscale, gshift};
@@ -579,10 +587,9 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
     const opmath_t* scp = sc.const_data_ptr<opmath_t>();
     const opmath_t* gsp = gs.const_data_ptr<opmath_t>();
     const opmath_t* ghp = gh.const_data_ptr<opmath_t>();
-    const int threads = at::get_num_threads();
-    std::vector<double> acc(static_cast<size_t>(threads) * C, 0.0);
+    ThreadSums<double> sums(C);
     at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
-      double* ds = acc.data() + static_cast<size_t>(at::get_thread_num()) * C;
+      double* ds = sums.mine();
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t at = pos * C;
         affine_relu_grad_grad_row(gptr + at, optr + at, pptr + at, qptr + at, scp, gsp, ghp, C,
@@ -591,11 +598,7 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
     });
     dscale = at::empty({C}, p.options().dtype(stat_dtype));
     opmath_t* d = dscale.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0.0;
-      for (int k = 0; k < threads; ++k) s += acc[static_cast<size_t>(k) * C + c];
-      d[c] = static_cast<opmath_t>(s);
-    }
+    for (int64_t c = 0; c < C; ++c) d[c] = static_cast<opmath_t>(sums.total(c));
   });
   return {dg, dp, dscale};
 }
@@ -739,7 +742,7 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
   const int64_t K = Ci * 9, Ho = H / 2, Wo = W / 2;
   TORCH_CHECK(g.size(1) == tasks * C && g.size(2) == Ho && g.size(3) == Wo,
               "stem_weight_grad: gy does not match x");
-  Tensor gw = at::zeros({tasks, K, C}, x.options().dtype(w_dtype));
+  Tensor gw = at::empty({tasks, K, C}, x.options().dtype(w_dtype));
   dispatch_pair(x.scalar_type(), g.scalar_type(), "stem_weight_grad", [&](auto in_v, auto out_v, auto op_v) {
     using in_t = decltype(in_v);
     using out_t = decltype(out_v);
@@ -749,10 +752,10 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
     const in_t* xp = static_cast<const in_t*>(x.const_data_ptr());
     const out_t* gp = static_cast<const out_t*>(g.const_data_ptr());
     const uint8_t* pp = ph.const_data_ptr<uint8_t>();
-    const int threads = at::get_num_threads();
-    std::vector<opmath_t> acc(static_cast<size_t>(threads) * tasks * K * C, opmath_t(0));
+    const int64_t total = tasks * K * C;
+    ThreadSums<opmath_t> sums(total);
     at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
-      opmath_t* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * tasks * K * C;
+      opmath_t* mine = sums.mine();
       std::vector<opmath_t> nb(4 * K), gs(4 * C);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / Ho, i = item % Ho;
@@ -768,11 +771,7 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
       }
     });
     opmath_t* out = gw.data_ptr<opmath_t>();
-    const int64_t total = tasks * K * C;
-    for (int k = 0; k < threads; ++k) {
-      const opmath_t* part = acc.data() + static_cast<size_t>(k) * total;
-      for (int64_t e = 0; e < total; ++e) out[e] += part[e];
-    }
+    for (int64_t e = 0; e < total; ++e) out[e] = sums.total(e);
   });
   return gw;
 }
