@@ -32,13 +32,12 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import DEFAULT_LEARNER, TrainConfig, config_for  # noqa: E402
-from pipeline.images import ImageSet  # noqa: E402
+from pipeline.images import ImageSet, synthetic_images  # noqa: E402
 
 
 def default_zip() -> Path | None:
@@ -59,22 +58,7 @@ def load_images(zip_path: Path | None, store: Path | None, image_size: int) -> I
         Store(root).ingest(zip_path)
         return Store(root).load_images(image_size=image_size)
     print("no Omniglot zip found: using synthetic images", file=sys.stderr)
-    return synthetic_images(image_size)
-
-
-def synthetic_images(
-    size: int = 28, domains: int = 5, classes: int = 20, per_class: int = 20
-) -> ImageSet:
-    rng = np.random.default_rng(0)
-    n = domains * classes * per_class
-    return ImageSet(
-        images=rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8),
-        labels=np.repeat(np.arange(domains * classes, dtype=np.int32), per_class),
-        class_names=[f"d{d}/c{c}" for d in range(domains) for c in range(classes)],
-        class_domain=np.repeat(np.arange(domains, dtype=np.int32), classes),
-        domains=[f"d{d}" for d in range(domains)],
-        data_version="synthetic",
-    )
+    return synthetic_images(domains=5, classes=20, per_class=20, size=image_size)
 
 
 def bench_config(learner: str | None, steps: int, overrides: list[str]) -> TrainConfig:

@@ -40,6 +40,26 @@ class ImageSet:
         return np.flatnonzero(np.isin(self.class_domain, wanted)).astype(np.int32)
 
 
+def synthetic_images(
+    domains: int = 4, classes: int = 8, per_class: int = 6, size: int = 28, seed: int = 0
+) -> ImageSet:
+    """Uniform random grey images: `domains` x `classes` classes of `per_class` images each.
+
+    For benchmarks and tests that need the shapes of a dataset but not its content (throughput,
+    scheduling, fault handling); nothing can be learned from them.
+    """
+    rng = np.random.default_rng(seed)
+    n = domains * classes * per_class
+    return ImageSet(
+        images=rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8),
+        labels=np.repeat(np.arange(domains * classes, dtype=np.int32), per_class),
+        class_names=[f"d{d}/c{c}" for d in range(domains) for c in range(classes)],
+        class_domain=np.repeat(np.arange(domains, dtype=np.int32), classes),
+        domains=[f"d{d}" for d in range(domains)],
+        data_version=f"synthetic-{seed}",
+    )
+
+
 def decode_image(data: bytes, *, image_size: int, channels: int = 1, invert: bool = True) -> np.ndarray:
     """Decode PNG/JPEG bytes to uint8 [channels, image_size, image_size].
 

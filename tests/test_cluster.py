@@ -11,13 +11,12 @@ import os
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.images import ImageSet  # noqa: E402
+from pipeline.images import synthetic_images  # noqa: E402
 from workers.driver import train_distributed  # noqa: E402
 from workers.resources import (  # noqa: E402
     PlacementError,
@@ -41,22 +40,6 @@ TINY = TrainConfig(
     checkpoint_every=100,
     num_threads=1,
 )
-
-
-def synthetic_images(
-    domains: int = 4, classes: int = 8, per_class: int = 6, size: int = 28
-) -> ImageSet:
-    """Random strokes: enough classes per domain for 5-way episodes and a train/val/test split."""
-    rng = np.random.default_rng(0)
-    n = domains * classes * per_class
-    return ImageSet(
-        images=rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8),
-        labels=np.repeat(np.arange(domains * classes, dtype=np.int32), per_class),
-        class_names=[f"d{d}/c{c}" for d in range(domains) for c in range(classes)],
-        class_domain=np.repeat(np.arange(domains, dtype=np.int32), classes),
-        domains=[f"d{d}" for d in range(domains)],
-        data_version="synthetic-0",
-    )
 
 
 @pytest.fixture(scope="module")

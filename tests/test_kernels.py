@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from pipeline.kernels import enabled, cpu_kernels
+from pipeline.kernels import cpu_kernels, enabled
 from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 CL = torch.channels_last
