@@ -77,9 +77,12 @@ def test_train_then_evaluate_checkpoint(tmp_path, omniglot_store, oneshot_runs, 
     assert 0 <= scored["oneshot"]["mean_error"] <= 1
     assert scored["heldout"]["ways"] == 5 and scored["heldout"]["episodes"] == 20
     assert scored["views"] == 1  # tiny's eval_views
+    assert scored["refine_steps"] == 3  # ProtoNets' default
     viewed = json.loads(anole("evaluate", "--checkpoint", trained["best_checkpoint"], "--runs",
-                              str(oneshot_runs[0]), "--views", "3", "--json").stdout)
-    assert viewed["views"] == 3 and 0 <= viewed["oneshot"]["mean_error"] <= 1
+                              str(oneshot_runs[0]), "--views", "3", "--refine-steps", "0",
+                              "--json").stdout)
+    assert viewed["views"] == 3 and viewed["refine_steps"] == 0
+    assert 0 <= viewed["oneshot"]["mean_error"] <= 1
 
 
 def test_train_help_config_lists_fields():
