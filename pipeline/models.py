@@ -327,11 +327,11 @@ def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         shifts = [xp[:, :, i : i + hh, j : j + ww] for i in range(3) for j in range(3)]
         patches = torch.stack(shifts, 2).view(t * n, k, hh * ww)  # unfold's (c, i, j) order
         count = n * hh * ww
-        mu = patches.sum(2, dtype=torch.float64).view(t, n, k).sum(1) / count
+        # per-image sums in x's dtype (as precise as the bmm's second moments; a float64
+        # reduction over the patches is 8x slower), totals and the covariance in float64
+        mu = patches.sum(2).double().view(t, n, k).sum(1) / count
         second = torch.bmm(patches, patches.transpose(1, 2)).view(t, n, k, k).sum(1)
-        cov = second.double() / count - mu.unsqueeze(2) * mu.unsqueeze(
-            1
-        )  # float64: no cancellation
+        cov = second.double() / count - mu.unsqueeze(2) * mu.unsqueeze(1)
         mu, cov = mu.to(x.dtype), cov.to(x.dtype)
     w = w.reshape(t, w.shape[1], k)  # [T, C, 9*C_in]
     mean = (w @ mu.unsqueeze(2)).reshape(-1)

@@ -3,8 +3,9 @@
 Values are checked bit for bit against the stock ops where the kernels promise that (pooling,
 its argmax and ties, unpooling, gathering, re-layouts), and first and second derivatives of
 every autograd wrapper with `gradcheck` / `gradgradcheck` in float64. The learners' reference
-tests (tests/test_learners.py) run through these kernels too; here the same learners are also
-run with the kernels switched off (ANOLE_KERNELS=0) to keep the fallback honest.
+tests (tests/test_learners.py) run through these kernels too, and once more with the kernels
+switched off (ANOLE_KERNELS=0, `test_learners_equal_reference_without_kernels`) to keep the
+fallback honest.
 """
 
 from __future__ import annotations
@@ -143,19 +144,3 @@ def test_kill_switch(monkeypatch) -> None:
     monkeypatch.setenv("ANOLE_KERNELS", "0")
     assert not enabled() and cpu_kernels() is None
     assert not usable(activation((1, 2, 4, 4), torch.float32))
-
-
-@pytest.mark.parametrize("key", ["maml", "fomaml", "reptile", "protonet"])
-def test_learners_equal_reference_without_kernels(monkeypatch, key: str) -> None:
-    """The pure-PyTorch fallback computes the same meta-gradients (wide first layer included)."""
-    from tests.test_learners import episodes, learner, max_rel_err
-
-    monkeypatch.setenv("ANOLE_KERNELS", "0")
-    for hidden in (6, 40):
-        lrn = learner(key, hidden=hidden)
-        params = lrn.init_params()
-        # the reference tests' 3 episodes: ProtoNets' last BN bias has an exactly zero
-        # gradient, which is rounding noise relative to itself on some other episodes
-        ep = episodes()
-        grads, _ = lrn.meta_gradient(params, ep)
-        assert max_rel_err(grads, lrn.reference_meta_gradient(params, ep)[0]) < 1e-9

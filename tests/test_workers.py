@@ -250,15 +250,16 @@ def test_sync_training_matches_the_single_process_trainer(
             log_tensorboard=False,
             pool=pool,
         )
-        np.testing.assert_allclose(
-            result.final_params,
-            expected,
-            rtol=0,
-            atol=2e-6,
-            err_msg=f"{learner} on {workers} worker(s)",
-        )
+        # Shards sum the meta-gradient in another order than one call does (float32: ~1e-7
+        # relative), and Adam's first steps, lr * g / |g| per component, turn that into up to
+        # ~1e-4 on components whose gradient is near zero. A lost or double-counted shard moves
+        # every parameter by ~lr = 1e-3 per step: a relative difference of ~5e-3, 10x above this.
+        gap = np.linalg.norm(result.final_params - expected) / np.linalg.norm(expected)
+        assert gap < 5e-4, f"{learner} on {workers} worker(s): relative difference {gap:.1e}"
         np.testing.assert_array_equal(flat_params(result.latest_checkpoint), result.final_params)
-        assert result.best_val == pytest.approx(expected_val, abs=1e-6)
+        # validation of a barely trained 16-filter net: near-tied logits, so that gap can flip a
+        # few of its 100 answers
+        assert result.best_val == pytest.approx(expected_val, abs=0.05)
         assert result.counters == {
             "applied": cfg.steps,
             "duplicates": 0,

@@ -39,6 +39,8 @@ def _build() -> ModuleType | None:
     flags = ["-O3", "-fopenmp"]
     if capability in ("avx2", "avx512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "avx512":  # what PyTorch's own AVX512 kernels require of a CPU
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
     name = f"anole_cpu_{capability}_{digest}"
     try:

@@ -219,16 +219,41 @@ template <typename opmath_t>
 void stem_window_conv(const opmath_t* nb, const opmath_t* __restrict__ w, int64_t K, int64_t C,
                       opmath_t* __restrict__ v0, opmath_t* __restrict__ v1,
                       opmath_t* __restrict__ v2, opmath_t* __restrict__ v3) {
-  for (int64_t c = 0; c < C; ++c) v0[c] = v1[c] = v2[c] = v3[c] = opmath_t(0);
-  for (int64_t k = 0; k < K; ++k) {
-    const opmath_t a = nb[4 * k], b = nb[4 * k + 1], d = nb[4 * k + 2], e = nb[4 * k + 3];
-    const opmath_t* __restrict__ wk = w + k * C;
-    for (int64_t c = 0; c < C; ++c) {
-      v0[c] += wk[c] * a;
-      v1[c] += wk[c] * b;
-      v2[c] += wk[c] * d;
-      v3[c] += wk[c] * e;
+  // Blocks of B channels: the four accumulators stay in registers across the K terms.
+  constexpr int64_t B = 16;
+  int64_t c0 = 0;
+  for (; c0 + B <= C; c0 += B) {
+    opmath_t a0[B] = {}, a1[B] = {}, a2[B] = {}, a3[B] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const opmath_t p0 = nb[4 * k], p1 = nb[4 * k + 1], p2 = nb[4 * k + 2], p3 = nb[4 * k + 3];
+      const opmath_t* __restrict__ wk = w + k * C + c0;
+      for (int64_t c = 0; c < B; ++c) {
+        a0[c] += wk[c] * p0;
+        a1[c] += wk[c] * p1;
+        a2[c] += wk[c] * p2;
+        a3[c] += wk[c] * p3;
+      }
     }
+    for (int64_t c = 0; c < B; ++c) {
+      v0[c0 + c] = a0[c];
+      v1[c0 + c] = a1[c];
+      v2[c0 + c] = a2[c];
+      v3[c0 + c] = a3[c];
+    }
+  }
+  for (int64_t c = c0; c < C; ++c) {  // the remainder, channel by channel
+    opmath_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const opmath_t wk = w[k * C + c];
+      a0 += wk * nb[4 * k];
+      a1 += wk * nb[4 * k + 1];
+      a2 += wk * nb[4 * k + 2];
+      a3 += wk * nb[4 * k + 3];
+    }
+    v0[c] = a0;
+    v1[c] = a1;
+    v2[c] = a2;
+    v3[c] = a3;
   }
 }
 
