@@ -24,6 +24,7 @@ from .episodes import Episodes
 from .errors import CheckpointError, ConfigError
 from .evaluation import Accuracy, evaluate_episodes
 from .images import ImageSet
+from .kernels import cpu_kernels
 from .learners import (
     Learner,
     LearnerConfig,
@@ -150,7 +151,12 @@ def learner_config(config: TrainConfig) -> LearnerConfig:
 
 def build_learner(config: TrainConfig, device: torch.device | str = "cpu") -> Learner:
     """The learner named by the config, with its inner-loop settings, the config's network and
-    its precision (auto resolved for `device`, where its episodes will live)."""
+    its precision (auto resolved for `device`, where its episodes will live).
+
+    On CPU it also builds (first use on a machine) or loads the fused kernels now, so that the
+    build never lands inside a timed step (time budgets calibrate on the first steps)."""
+    if torch.device(device).type == "cpu":
+        cpu_kernels()
     return make_learner(
         config.learner,
         learner_config(config),
