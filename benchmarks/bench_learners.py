@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk",
         type=lambda s: s if s == "auto" else (None if s == "none" else int(s)),
         default="auto",
-        help="max_tasks_per_call: auto (16 on CPU), none, or a number",
+        help="max_tasks_per_call: auto (32 here on CPU), none, or a number",
     )
     parser.add_argument(
         "--precision",

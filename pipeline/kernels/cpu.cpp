@@ -179,15 +179,17 @@ void affine_relu_row(const in_t* __restrict__ p, const opmath_t* __restrict__ sc
   }
 }
 
+// The per-channel sums of these two rows go into opmath_t partials (GCC does not vectorise a
+// select feeding a double accumulator); `BlockSums` moves them into double totals.
 template <typename in_t, typename out_t, typename opmath_t>
 void affine_relu_grad_row(const out_t* __restrict__ g, const out_t* __restrict__ out,
                           const in_t* __restrict__ p, const opmath_t* __restrict__ scale,
-                          int64_t C, in_t* __restrict__ gp, double* __restrict__ gscale,
-                          double* __restrict__ gshift) {
+                          int64_t C, in_t* __restrict__ gp, opmath_t* __restrict__ gscale,
+                          opmath_t* __restrict__ gshift) {
   for (int64_t c = 0; c < C; ++c) {
     const opmath_t live = widen(out[c]) > opmath_t(0) ? widen(g[c]) : opmath_t(0);
     gp[c] = narrow<in_t>(live * scale[c]);
-    gscale[c] += static_cast<double>(live) * static_cast<double>(widen(p[c]));
+    gscale[c] += live * widen(p[c]);
     gshift[c] += live;
   }
 }
@@ -201,14 +203,14 @@ void affine_relu_grad_grad_row(const out_t* __restrict__ g, const out_t* __restr
                                const opmath_t* __restrict__ ggscale,
                                const opmath_t* __restrict__ ggshift, int64_t C,
                                out_t* __restrict__ dg, in_t* __restrict__ dp,
-                               double* __restrict__ dscale) {
+                               opmath_t* __restrict__ dscale) {
   for (int64_t c = 0; c < C; ++c) {
     const bool live = widen(out[c]) > opmath_t(0);
     const opmath_t gv = widen(g[c]), pv = widen(p[c]), qv = widen(ggp[c]), zero = 0;
     const opmath_t a = scale[c] * qv + ggscale[c] * pv + ggshift[c];
     dg[c] = narrow<out_t>(live ? a : zero);
     dp[c] = narrow<in_t>(live ? ggscale[c] * gv : zero);
-    dscale[c] += live ? static_cast<double>(qv) * static_cast<double>(gv) : 0.0;
+    dscale[c] += live ? qv * gv : zero;
   }
 }
 
@@ -337,6 +339,34 @@ class ThreadSums {
   int64_t width_;
   int threads_;
   std::vector<T> acc_;
+};
+
+// Per-channel sums over many rows for one thread: rows add into opmath_t `partial()` (which
+// vectorises), and every kRows rows `row_done` moves the partials into the thread's double
+// totals, so float rounding spans at most kRows terms.
+template <typename opmath_t>
+class BlockSums {
+ public:
+  static constexpr int64_t kRows = 64;
+  BlockSums(ThreadSums<double>& sums, int64_t width)
+      : total_(sums.mine()), partial_(static_cast<size_t>(width), opmath_t(0)) {}
+  ~BlockSums() { flush(); }
+  opmath_t* partial() { return partial_.data(); }
+  void row_done() {
+    if (++rows_ == kRows) flush();
+  }
+
+ private:
+  void flush() {
+    for (size_t e = 0; e < partial_.size(); ++e) {
+      total_[e] += static_cast<double>(partial_[e]);
+      partial_[e] = opmath_t(0);
+    }
+    rows_ = 0;
+  }
+  double* total_;
+  std::vector<opmath_t> partial_;
+  int64_t rows_ = 0;
 };
 
 void check_cl(const Tensor& t, const char* name) {
@@ -560,8 +590,9 @@ std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, con
     const opmath_t* scp = sc.const_data_ptr<opmath_t>();
     ThreadSums<double> sums(2 * C);  // gscale, gshift
     at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
-      double* gs = sums.mine();
-      for (int64_t pos = begin; pos < end; ++pos) {
+      BlockSums<opmath_t> block(sums, 2 * C);
+      opmath_t* gs = block.partial();
+      for (int64_t pos = begin; pos < end; ++pos, block.row_done()) {
         const int64_t at = pos * C;
         affine_relu_grad_row(gptr + at, optr + at, pptr + at, scp, C, gpp + at, gs, gs + C);
       }
@@ -614,8 +645,9 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
     const opmath_t* ghp = gh.const_data_ptr<opmath_t>();
     ThreadSums<double> sums(C);
     at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
-      double* ds = sums.mine();
-      for (int64_t pos = begin; pos < end; ++pos) {
+      BlockSums<opmath_t> block(sums, C);
+      opmath_t* ds = block.partial();
+      for (int64_t pos = begin; pos < end; ++pos, block.row_done()) {
         const int64_t at = pos * C;
         affine_relu_grad_grad_row(gptr + at, optr + at, pptr + at, qptr + at, scp, gsp, ghp, C,
                                   dgp + at, dpp + at, ds);

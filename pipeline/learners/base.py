@@ -50,17 +50,17 @@ query cross-entropy / accuracy of each task after adaptation; "loss_before" and
 "accuracy_before": the same with the meta-parameters before adaptation (equal to "loss" and
 "accuracy" for learners without an inner loop). Divide by "tasks" for means."""
 
-CPU_CHUNK_BYTES = 32 * 2**20
+CPU_CHUNK_BYTES = 64 * 2**20
 """Budget for max_tasks_per_call="auto" on CPU: as many tasks per call as keep the first
-block's activation for the support + query images of the call (images x hidden x H x W)
-within 32 MiB, glibc's largest mmap threshold (a temporary above it is a fresh mapping each
-time: ~300k minor page faults per all-32-tasks Reptile meta-batch). Measured on the 2-core
-Xeon, conv4 at 28x28, 32 tasks, 2 threads: 16 tasks per call was fastest for all four
-learners (e.g. Reptile 0.90 s vs 1.08 s unchunked and 0.96 s with 8). Large images (84x84)
-get one task per call: a single task already fills the cores. Since `Learner` raises glibc's
-thresholds (`pipeline.allocator`) large temporaries are reused rather than re-mapped, and
-chunking mostly bounds memory: unchunked vs 16 per call measured 84.0 vs 86.6 MAML tasks/s
-(float32) and 109.2 vs 111.4 (bfloat16)."""
+block's activation for the support + query images of the call (images x hidden x H x W, in
+float32) within 64 MiB: 32 tasks of 5-way 1-shot with one query per class at 28x28, 8 of
+20-way 1-shot. Bigger calls amortise the per-call work (Python, operator dispatch, small
+per-layer ops, thread wake-ups), which is a large share of a meta-gradient at these sizes. On
+the 2-core AMD EPYC (Zen 4), 32 tasks, bfloat16, medians of 10 side-by-side iterations
+(/ chunks of 16 tasks): MAML 204 / 222 ms, FOMAML-5 309 / 350, Reptile-5 524 / 542, ProtoNets
+126 / 138; 64 MAML tasks in one call 430 ms vs two calls of 32, 464 ms. Chunks then mostly
+bound memory. (`Learner` raises glibc's mmap threshold, `pipeline.allocator`, so these large
+temporaries are reused, not re-faulted.)"""
 
 
 class Learner(ABC):
