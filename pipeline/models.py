@@ -424,6 +424,8 @@ class _Conv3x3WeightGrad(Function):
 
     @staticmethod
     def forward(x: Tensor, gy: Tensor, groups: int) -> Tensor:
+        if _small_weight_grad(x, gy):
+            return cpu_kernels().conv3x3_weight_grad(x, gy, groups)
         w_like = gy.new_empty(1).expand(gy.shape[1], x.shape[1] // groups, 3, 3)
         return torch.ops.aten.convolution_backward(
             gy, x, w_like, None, _STRIDE, _PAD, _DIL, False, _OUT_PAD, groups, [False, True, False]
@@ -441,6 +443,24 @@ class _Conv3x3WeightGrad(Function):
         dx = _Conv3x3InputGrad.apply(gy, ggw, ctx.groups) if ctx.needs_input_grad[0] else None
         dgy = _Conv3x3.apply(x, ggw, ctx.groups) if ctx.needs_input_grad[1] else None
         return dx, dgy, None
+
+
+SMALL_WEIGHT_GRAD_PIXELS = 49
+"""Images of at most this many pixels (7x7) take the gather + matrix-product weight gradient
+(`conv3x3_weight_grad` in pipeline/kernels) instead of oneDNN's backward-weights kernel, whose
+fixed cost dominates at these sizes: 32 tasks, 5 images, 64 -> 64 channels, bfloat16, 2-core
+Zen 4, `benchmarks/bench_kernels.py`: see benchmarks/README.md."""
+
+
+def _small_weight_grad(x: Tensor, gy: Tensor) -> bool:
+    return (
+        x.shape[2] * x.shape[3] <= SMALL_WEIGHT_GRAD_PIXELS
+        and x.device.type == "cpu"
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and gy.is_contiguous(memory_format=torch.channels_last)
+        and x.dtype == gy.dtype
+        and cpu_kernels() is not None
+    )
 
 
 class _Cast(Function):

@@ -131,6 +131,40 @@ def test_stem_equals_conv_then_pool_with_derivatives(kernels, size) -> None:
     assert gradgradcheck(lambda w: stem_pool(x, w, tasks), (w,))
 
 
+def test_affine_relu_sums_over_many_rows(kernels) -> None:
+    # 2 x 13 x 11 = 286 positions: the per-channel sums cross several float-partial flushes
+    g = torch.Generator().manual_seed(1)
+    p = activation((2, 9, 13, 11), torch.float32).requires_grad_()
+    scale = (torch.rand(9, generator=g) + 0.5).requires_grad_()
+    shift = torch.randn(9, generator=g).requires_grad_()
+    gy = torch.randn(2, 9, 13, 11, generator=g).contiguous(memory_format=CL)
+    got = torch.autograd.grad(affine_relu(p, scale, shift, torch.float32), (p, scale, shift), gy)
+    p64, s64, b64 = (t.detach().double().requires_grad_() for t in (p, scale, shift))
+    ref = F.relu(p64 * s64[:, None, None] + b64[:, None, None])
+    want = torch.autograd.grad(ref, (p64, s64, b64), gy.double())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+)
+@pytest.mark.parametrize("size", [(7, 7), (3, 5), (1, 1)])
+def test_conv3x3_weight_grad_equals_convolution_backward(kernels, dtype, tol, size) -> None:
+    n, groups, c_in, c_out = 3, 4, 5, 6
+    x = activation((n, groups * c_in, *size), dtype, seed=2)
+    gy = activation((n, groups * c_out, *size), dtype, seed=3)
+    w = torch.empty(groups * c_out, c_in, 3, 3, dtype=dtype).contiguous(memory_format=CL)
+    ref = torch.ops.aten.convolution_backward(
+        gy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], groups, [False, True, False]
+    )[1]
+    got = kernels.conv3x3_weight_grad(x, gy, groups)
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=CL)
+    err = (got.double() - ref.double()).norm() / ref.double().norm()
+    assert err <= tol
+
+
 def test_relayout_equals_torch_copies(kernels) -> None:
     w = torch.randn(12, 7, 3, 3)
     to_cl = kernels.relayout(w, torch.bfloat16, True)

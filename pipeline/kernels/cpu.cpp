@@ -18,6 +18,9 @@
 //   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
 //   relayout             convolution weights [O, I, kh, kw] between contiguous and
 //                        channels_last, cast on the way (a small transpose per output channel)
+//   conv3x3_weight_grad  a grouped 3x3 convolution's weight gradient as one batched matrix
+//                        product (patches gathered per group), for small images, where
+//                        oneDNN's backward-weights kernel is mostly fixed cost
 //   stem_run / stem_weight_grad
 //                        the FIRST block's 3x3 convolution fused with its 2x2 max-pool, for
 //                        few input channels (Omniglot: 1): the full-resolution convolution
@@ -835,6 +838,56 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
 
 }  // namespace
 
+// Weight gradient of y = conv2d(x, w, padding=1, groups=G) for channels_last x and gy:
+// gw[g] = gy_g^T cols_g, with cols_g [P, 9 * Cin] the zero-padded 3x3 patches of group g's
+// input channels at the P = N * H * W output positions (k order ky, kx, ci: channels_last
+// weight order) and gy_g [P, Cout]. Group by group, so that a group's patches are still in
+// cache for its matrix product (at::mm: oneDNN / MKL, float accumulation; serial inside the
+// parallel loop). Returns [G * Cout, Cin, 3, 3] with channels_last strides.
+Tensor conv3x3_weight_grad(const Tensor& x, const Tensor& gy, int64_t groups) {
+  check_cl(x, "x");
+  check_cl(gy, "gy");
+  TORCH_CHECK(x.scalar_type() == gy.scalar_type(), "conv3x3_weight_grad: x and gy dtypes differ");
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), G = groups;
+  TORCH_CHECK(G >= 1 && x.size(1) % G == 0 && gy.size(1) % G == 0,
+              "conv3x3_weight_grad: channels must divide into groups");
+  TORCH_CHECK(gy.size(0) == N && gy.size(2) == H && gy.size(3) == W,
+              "conv3x3_weight_grad: gy must match x's batch and spatial size (padding 1)");
+  const int64_t Cin = x.size(1) / G, Cout = gy.size(1) / G, P = N * H * W;
+  const auto options = x.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor gw = at::empty({G, Cout, 9 * Cin}, options);
+  const int64_t esz = x.element_size();
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const char* gp = static_cast<const char*>(gy.const_data_ptr());
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    Tensor cols = at::empty({P, 9 * Cin}, options);
+    Tensor gyt = at::empty({P, Cout}, options);
+    char* cp = static_cast<char*>(cols.data_ptr());
+    char* tp = static_cast<char*>(gyt.data_ptr());
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n = p / (H * W), y = (p / W) % H, xx = p % W;
+        std::memcpy(tp + p * Cout * esz, gp + (p * G + g) * Cout * esz, Cout * esz);
+        for (int64_t i = 0; i < 3; ++i) {
+          const int64_t ys = y + i - 1;
+          for (int64_t j = 0; j < 3; ++j) {
+            const int64_t xs = xx + j - 1;
+            char* dst = cp + (p * 9 + i * 3 + j) * Cin * esz;
+            if (ys >= 0 && ys < H && xs >= 0 && xs < W) {
+              std::memcpy(dst, xp + (((n * H + ys) * W + xs) * G + g) * Cin * esz, Cin * esz);
+            } else {
+              std::memset(dst, 0, Cin * esz);
+            }
+          }
+        }
+      }
+      Tensor out = gw.select(0, g);
+      at::mm_out(out, gyt.t(), cols);
+    }
+  });
+  return gw.view({G * Cout, 3, 3, Cin}).permute({0, 3, 1, 2});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_stats_forward", &pool_stats_forward, "2x2 max-pool (+ uint8 phase) and BN stats");
   m.def("pool_backward", &pool_backward, "unpool + BN statistics gradient");
@@ -843,6 +896,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
   m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");
   m.def("relayout", &relayout, "weights between contiguous and channels_last, cast");
+  m.def("conv3x3_weight_grad", &conv3x3_weight_grad, "grouped 3x3 conv weight gradient by bmm");
   m.def("stem_run", &stem_run, "first conv + 2x2 max-pool (or conv at given winners)");
   m.def("stem_weight_grad", &stem_weight_grad, "first conv weight gradient through the pool");
 }
