@@ -9,6 +9,9 @@
   first block of a 16-task MAML chunk (5 images per task, conv4-64, 28x28, bfloat16):
   pooling + BatchNorm statistics, unpooling + the statistics' gradient, affine + ReLU + cast,
   its backward, and the first convolution fused with its pooling.
+* A grouped 3x3 convolution's weight gradient (32 tasks as groups, 5 images, 64 -> 64
+  channels, bfloat16) by oneDNN's backward-weights kernel vs `conv3x3_weight_grad` (gather +
+  one matrix product per group), at 14x14, 7x7 and 3x3: the models use the latter up to 7x7.
 
     python benchmarks/bench_kernels.py
 """
@@ -109,6 +112,29 @@ def fused_kernels() -> dict[str, float]:
     }
 
 
+def weight_gradients() -> dict[str, float]:
+    """oneDNN's backward-weights vs the gather + matrix-product kernel, 32-task grouped conv."""
+    from pipeline.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        return {}
+    cl, bf, tasks = torch.channels_last, torch.bfloat16, 32
+    out = {}
+    for side in (14, 7, 3):
+        x = torch.randn(5, tasks * 64, side, side).to(bf).contiguous(memory_format=cl)
+        gy = torch.randn_like(x)
+        w = torch.empty(tasks * 64, 64, 3, 3, dtype=bf).contiguous(memory_format=cl)
+        onednn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            gy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], tasks, [False, True, False]  # noqa: B023
+        )
+        out[f"weight grad {side}x{side} oneDNN"] = ms(onednn)
+        out[f"weight grad {side}x{side} gather+mm"] = ms(
+            lambda: kernels.conv3x3_weight_grad(x, gy, tasks)  # noqa: B023
+        )
+    return out
+
+
 def main() -> None:
     threads = 2
     torch.set_num_threads(threads)
@@ -117,6 +143,7 @@ def main() -> None:
         return
     results = convolutions()
     results.update(fused_kernels())
+    results.update(weight_gradients())
     for mode in ("default", "keep"):
         env = {**os.environ, "ANOLE_MALLOC_TUNING": "1"}
         child = subprocess.run([sys.executable, __file__, "--memory", mode], env=env,
