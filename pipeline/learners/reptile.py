@@ -126,7 +126,7 @@ def inner_train(
         x, y = batches[(i - 1) % len(batches)]
         grads = grad(lambda th, x=x, y=y: loss_sum(net(th, x), y))(theta)
         if cfg.inner_optimizer == "sgd":
-            theta = {k: theta[k] - cfg.inner_lr * grads[k] for k in theta}
+            theta = {k: torch.add(theta[k], grads[k], alpha=-cfg.inner_lr) for k in theta}
             continue
         with torch.no_grad():  # in place where the tensors are ours: fewer passes
             for k, g in grads.items():
