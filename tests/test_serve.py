@@ -111,20 +111,24 @@ def test_domain_arrival_starts_the_served_retrain_once(omniglot_zips, tmp_path):
                     )
                 )
             with get_client(sync_client=True) as client:
-                deployment = None
+                # `serve` creates the deployment, then its trigger as an automation: wait for both
+                deployment, automations = None, []
                 deadline = time.monotonic() + 90
-                while deployment is None and time.monotonic() < deadline:
+                while not automations and time.monotonic() < deadline:
                     assert procs[1].poll() is None, _log_tail(serve_log)
                     try:
                         deployment = client.read_deployment_by_name(
                             "retrain-on-new-domains/retrain"
                         )
+                        automations = client.read_automations_by_name("anole-domain-arrived")
                     except Exception:
+                        pass
+                    if not automations:
                         time.sleep(1)
                 assert deployment is not None, _log_tail(serve_log)
                 assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-                automations = client.read_automations_by_name("anole-domain-arrived")
-                assert automations and automations[0].trigger.within.total_seconds() == 4
+                assert automations, _log_tail(serve_log)
+                assert automations[0].trigger.within.total_seconds() == 4
                 time.sleep(3)  # let the server's trigger service load the new automation
 
                 # A burst: two alphabets arrive back to back, two events.
