@@ -18,8 +18,8 @@
 //   affine_relu_double_backward  the derivatives of that backward (second-order MAML)
 //   relayout             convolution weights [O, I, kh, kw] between contiguous and
 //                        channels_last, cast on the way (a small transpose per output channel)
-//   conv3x3_weight_grad  a grouped 3x3 convolution's weight gradient as one batched matrix
-//                        product (patches gathered per group), for small images, where
+//   conv3x3_weight_grad  a grouped 3x3 convolution's weight gradient as one matrix product
+//                        per group (its patches gathered first), for small images, where
 //                        oneDNN's backward-weights kernel is mostly fixed cost
 //   stem_run / stem_weight_grad
 //                        the FIRST block's 3x3 convolution fused with its 2x2 max-pool, for
@@ -836,8 +836,6 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
   return gw;
 }
 
-}  // namespace
-
 // Weight gradient of y = conv2d(x, w, padding=1, groups=G) for channels_last x and gy:
 // gw[g] = gy_g^T cols_g, with cols_g [P, 9 * Cin] the zero-padded 3x3 patches of group g's
 // input channels at the P = N * H * W output positions (k order ky, kx, ci: channels_last
@@ -888,6 +886,8 @@ Tensor conv3x3_weight_grad(const Tensor& x, const Tensor& gy, int64_t groups) {
   return gw.view({G * Cout, 3, 3, Cin}).permute({0, 3, 1, 2});
 }
 
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_stats_forward", &pool_stats_forward, "2x2 max-pool (+ uint8 phase) and BN stats");
   m.def("pool_backward", &pool_backward, "unpool + BN statistics gradient");
@@ -896,7 +896,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
   m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");
   m.def("relayout", &relayout, "weights between contiguous and channels_last, cast");
-  m.def("conv3x3_weight_grad", &conv3x3_weight_grad, "grouped 3x3 conv weight gradient by bmm");
+  m.def("conv3x3_weight_grad", &conv3x3_weight_grad, "grouped 3x3 conv weight gradient, gather + mm");
   m.def("stem_run", &stem_run, "first conv + 2x2 max-pool (or conv at given winners)");
   m.def("stem_weight_grad", &stem_weight_grad, "first conv weight gradient through the pool");
 }

@@ -41,6 +41,7 @@ from pipeline.learners.base import (
     reference_metrics,
     reference_predict,
     reference_start,
+    sgd_step,
     task_start,
     zeros_like,
 )
@@ -126,7 +127,7 @@ def inner_train(
         x, y = batches[(i - 1) % len(batches)]
         grads = grad(lambda th, x=x, y=y: loss_sum(net(th, x), y))(theta)
         if cfg.inner_optimizer == "sgd":
-            theta = {k: torch.add(theta[k], grads[k], alpha=-cfg.inner_lr) for k in theta}
+            theta = sgd_step(theta, grads, cfg.inner_lr)
             continue
         with torch.no_grad():  # in place where the tensors are ours: fewer passes
             for k, g in grads.items():
