@@ -426,7 +426,11 @@ class _Conv3x3WeightGrad(Function):
     def forward(x: Tensor, gy: Tensor, groups: int) -> Tensor:
         if _small_weight_grad(x, gy):
             return cpu_kernels().conv3x3_weight_grad(x, gy, groups)
-        w_like = gy.new_empty(1).expand(gy.shape[1], x.shape[1] // groups, 3, 3)
+        # (oneDNN reads only its shape, but would copy an expanded placeholder to channels_last)
+        w_like = torch.empty(
+            (gy.shape[1], x.shape[1] // groups, 3, 3),
+            dtype=gy.dtype, device=gy.device, memory_format=torch.channels_last,
+        )
         return torch.ops.aten.convolution_backward(
             gy, x, w_like, None, _STRIDE, _PAD, _DIL, False, _OUT_PAD, groups, [False, True, False]
         )[1]
@@ -464,14 +468,18 @@ def _small_weight_grad(x: Tensor, gy: Tensor) -> bool:
 
 
 class _Cast(Function):
-    """x.to(dtype, memory_format=...); its gradient comes back in x's dtype, contiguous.
+    """x.to(dtype, memory_format=...); its gradient comes back in x's dtype and layout.
 
-    (A plain `.to` hands back channels_last gradients, and every later op on the parameter
-    gradients would mix layouts, which PyTorch runs on a slow strided path.)
+    (A plain `.to` hands back channels_last gradients for contiguous parameters, and every later
+    op on the parameter gradients would mix layouts, which PyTorch runs on a slow strided path.
+    Second-order MAML differentiates the cast of a weight gradient back to the convolution's
+    layout: channels_last, which oneDNN would otherwise copy the weights into at every call.)
     """
 
     @staticmethod
     def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
+        if x.is_contiguous(memory_format=memory_format):
+            return x.to(dtype, copy=True)  # the layout is already right: a plain cast
         kernels = cpu_kernels()
         if kernels is not None and x.device.type == "cpu" and x.dim() == 4:
             # one pass: a small transpose per output channel (pipeline/kernels)
@@ -480,11 +488,18 @@ class _Cast(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        ctx.dtype = inputs[0].dtype
+        x = inputs[0]
+        ctx.dtype = x.dtype
+        ctx.memory_format = (
+            torch.channels_last
+            if x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
-        return _Cast.apply(g, ctx.dtype, torch.contiguous_format), None, None
+        return _Cast.apply(g, ctx.dtype, ctx.memory_format), None, None
 
 
 def max_pool2x2(x: Tensor) -> Tensor:

@@ -71,6 +71,31 @@ def test_pool_stats_match_torch(kernels, dtype, shape) -> None:
     torch.testing.assert_close(with_stats.double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 8, 7, 7), (2, 5, 6, 9), (2, 16, 28, 28)])
+def test_pool_backward_backward_matches_torch(kernels, dtype, shape) -> None:
+    h = activation(shape, dtype, ties=True)
+    _, phase = kernels.pool_stats_forward(h, False)
+    ggx = activation(shape, dtype, seed=2)
+    c = torch.randn(shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    c = c.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ggy, gh, gc, goffset = kernels.pool_backward_backward(ggx, phase, h, c, True, True)
+    assert torch.equal(ggy, kernels.pool_gather(ggx, phase)) and ggy.is_contiguous(memory_format=CL)
+    assert gh.dtype == dtype and gh.is_contiguous(memory_format=CL)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    expected = ggx.double() * c.double()[:, None, None]
+    torch.testing.assert_close(gh.double(), expected, rtol=tol, atol=tol)
+    # bfloat16 products are exact in float: only the summation rounds
+    sums_tol = 1e-9 if dtype == torch.float64 else 1e-5
+    expected = (ggx.double() * h.double()).sum((0, 2, 3))
+    torch.testing.assert_close(gc.double(), expected, rtol=sums_tol, atol=sums_tol)
+    expected = ggx.double().sum((0, 2, 3))
+    torch.testing.assert_close(goffset.double(), expected, rtol=sums_tol, atol=sums_tol)
+    ggy2, gh2, gc2, goffset2 = kernels.pool_backward_backward(ggx, phase, h, c, False, False)
+    assert ggy2 is None and gh2 is None
+    assert torch.equal(gc2, gc) and torch.equal(goffset2, goffset)
+
+
 def test_nan_wins_the_window_as_in_torch(kernels) -> None:
     h = activation((1, 4, 4, 4), torch.float32)
     h[0, 1, 0, 1] = float("nan")

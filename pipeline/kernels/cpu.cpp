@@ -173,6 +173,20 @@ void gather_window(const raw_t* __restrict__ w00, const raw_t* __restrict__ w01,
   }
 }
 
+// One position of the statistics' gradient term c * h + offset, differentiated: for the
+// incoming gradient g, gh = c * g (written when kGh), gc += g * h, goffset += g.
+template <bool kGh, typename raw_t, typename opmath_t>
+void stats_grad_row(const raw_t* __restrict__ g, const raw_t* __restrict__ h,
+                    const opmath_t* __restrict__ c, int64_t C, raw_t* __restrict__ gh,
+                    opmath_t* __restrict__ gc, opmath_t* __restrict__ goffset) {
+  for (int64_t k = 0; k < C; ++k) {
+    const opmath_t v = widen(g[k]);
+    if constexpr (kGh) gh[k] = narrow<raw_t>(c[k] * v);
+    gc[k] += v * widen(h[k]);
+    goffset[k] += v;
+  }
+}
+
 template <typename in_t, typename out_t, typename opmath_t>
 void affine_relu_row(const in_t* __restrict__ p, const opmath_t* __restrict__ scale,
                      const opmath_t* __restrict__ shift, int64_t C, out_t* __restrict__ out) {
@@ -530,6 +544,74 @@ Tensor pool_gather(const Tensor& x, const Tensor& phase) {
   return y;
 }
 
+// The derivatives of pool_backward's gx = unpool(gy) + c * h + offset for the incoming
+// gradient ggx, in one pass over ggx: ggy = ggx at each window's winner (if want_ggy), gh =
+// c * ggx (if want_gh), gc = sum of ggx * h and goffset = sum of ggx per channel (opmath).
+std::vector<Tensor> pool_backward_backward(const Tensor& ggx_in, const Tensor& phase,
+                                           const Tensor& h, const Tensor& c, bool want_ggy,
+                                           bool want_gh) {
+  const Tensor ggx = ggx_in.contiguous(at::MemoryFormat::ChannelsLast);
+  check_cl(phase, "phase");
+  check_cl(h, "h");
+  TORCH_CHECK(ggx.scalar_type() == h.scalar_type() && ggx.sizes() == h.sizes(),
+              "pool_backward_backward: ggx and h differ in dtype or shape");
+  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3);
+  const int64_t Ho = phase.size(2), Wo = phase.size(3), R = (H + 1) / 2;
+  TORCH_CHECK(Ho == H / 2 && Wo == W / 2 && phase.size(1) == C,
+              "pool_backward_backward: phase does not pool h");
+  Tensor ggy = want_ggy ? empty_cl({N, C, Ho, Wo}, h.options()) : Tensor();
+  Tensor gh = want_gh ? empty_cl({N, C, H, W}, h.options()) : Tensor();
+  Tensor gc, goffset;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "pool_backward_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using raw_t = typename Raw<scalar_t>::type;
+    const auto stat_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+    const Tensor c_t = c.to(stat_dtype).contiguous();
+    TORCH_CHECK(c_t.numel() == C, "pool_backward_backward: c must be [C]");
+    const opmath_t* cp = c_t.const_data_ptr<opmath_t>();
+    const raw_t* gp = raw<scalar_t>(ggx);
+    const raw_t* hp = raw<scalar_t>(h);
+    const uint8_t* pp = phase.const_data_ptr<uint8_t>();
+    raw_t* yp = want_ggy ? raw_mut<scalar_t>(ggy) : nullptr;
+    raw_t* ghp = want_gh ? raw_mut<scalar_t>(gh) : nullptr;
+    ThreadSums<double> sums(2 * C);  // gc, goffset
+    at::parallel_for(0, N * R, 1, [&](int64_t begin, int64_t end) {
+      BlockSums<opmath_t> block(sums, 2 * C);
+      opmath_t* part = block.partial();
+      const auto position = [&](int64_t at) {
+        if (want_gh) {
+          stats_grad_row<true>(gp + at, hp + at, cp, C, ghp + at, part, part + C);
+        } else {
+          stats_grad_row<false>(gp + at, hp + at, cp, C, ghp, part, part + C);
+        }
+        block.row_done();
+      };
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / R, r = item % R;
+        const int64_t row0 = (n * H + 2 * r) * W * C;
+        const int64_t rows = 2 * r + 1 < H ? 2 : 1;
+        for (int64_t k = 0; k < rows * W; ++k) position(row0 + k * C);
+        if (!want_ggy || r >= Ho) continue;
+        for (int64_t j = 0; j < Wo; ++j) {
+          const int64_t at = ((n * Ho + r) * Wo + j) * C;
+          const raw_t* w00 = gp + row0 + 2 * j * C;
+          const raw_t* w10 = w00 + W * C;
+          gather_window(w00, w00 + C, w10, w10 + C, pp + at, C, yp + at);
+        }
+      }
+    });
+    gc = at::empty({C}, h.options().dtype(stat_dtype));
+    goffset = at::empty({C}, h.options().dtype(stat_dtype));
+    opmath_t* a = gc.data_ptr<opmath_t>();
+    opmath_t* b = goffset.data_ptr<opmath_t>();
+    for (int64_t k = 0; k < C; ++k) {
+      a[k] = static_cast<opmath_t>(sums.total(k));
+      b[k] = static_cast<opmath_t>(sums.total(C + k));
+    }
+  });
+  return {ggy, gh, gc, goffset};
+}
+
 // Dispatch on (p dtype, out dtype): (bf16, bf16), (bf16, f32), (f32, f32), (f64, f64).
 template <typename F>
 void dispatch_pair(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
@@ -684,9 +766,9 @@ Tensor relayout(const Tensor& x, at::ScalarType dtype, bool to_channels_last) {
           for (int64_t k = 0; k < S; ++k) {
             for (int64_t i = 0; i < I; ++i) b[k * I + i] = narrow<out_t>(widen(a[i * S + k]));
           }
-        } else {
-          for (int64_t i = 0; i < I; ++i) {
-            for (int64_t k = 0; k < S; ++k) b[i * S + k] = narrow<out_t>(widen(a[k * I + i]));
+        } else {  // inner loop along the read dimension: strided stores beat strided loads
+          for (int64_t k = 0; k < S; ++k) {
+            for (int64_t i = 0; i < I; ++i) b[i * S + k] = narrow<out_t>(widen(a[k * I + i]));
           }
         }
       }
@@ -857,24 +939,31 @@ Tensor conv3x3_weight_grad(const Tensor& x, const Tensor& gy, int64_t groups) {
   const int64_t esz = x.element_size();
   const char* xp = static_cast<const char*>(x.const_data_ptr());
   const char* gp = static_cast<const char*>(gy.const_data_ptr());
+  const int64_t row = Cin * esz, tile_w = W + 2;  // bytes per pixel; a padded tile's width
   at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     Tensor cols = at::empty({P, 9 * Cin}, options);
     Tensor gyt = at::empty({P, Cout}, options);
+    // One image of one group, zero-padded, [H + 2][W + 2][Cin]: the group's channels are 1/G
+    // of every pixel of x, so they are gathered once here (one strided read per pixel), and
+    // each patch row is then three contiguous runs of 3 * Cin from this L1-sized tile.
+    std::vector<char> tile((H + 2) * tile_w * row, 0);  // the border stays zero
     char* cp = static_cast<char*>(cols.data_ptr());
     char* tp = static_cast<char*>(gyt.data_ptr());
     for (int64_t g = begin; g < end; ++g) {
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t n = p / (H * W), y = (p / W) % H, xx = p % W;
-        std::memcpy(tp + p * Cout * esz, gp + (p * G + g) * Cout * esz, Cout * esz);
-        for (int64_t i = 0; i < 3; ++i) {
-          const int64_t ys = y + i - 1;
-          for (int64_t j = 0; j < 3; ++j) {
-            const int64_t xs = xx + j - 1;
-            char* dst = cp + (p * 9 + i * 3 + j) * Cin * esz;
-            if (ys >= 0 && ys < H && xs >= 0 && xs < W) {
-              std::memcpy(dst, xp + (((n * H + ys) * W + xs) * G + g) * Cin * esz, Cin * esz);
-            } else {
-              std::memset(dst, 0, Cin * esz);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t y = 0; y < H; ++y) {
+          for (int64_t xx = 0; xx < W; ++xx) {
+            const int64_t pix = (n * H + y) * W + xx;
+            std::memcpy(tile.data() + ((y + 1) * tile_w + xx + 1) * row,
+                        xp + (pix * G + g) * row, row);
+            std::memcpy(tp + pix * Cout * esz, gp + (pix * G + g) * Cout * esz, Cout * esz);
+          }
+        }
+        for (int64_t y = 0; y < H; ++y) {
+          for (int64_t xx = 0; xx < W; ++xx) {
+            char* dst = cp + ((n * H + y) * W + xx) * 9 * row;
+            for (int64_t i = 0; i < 3; ++i) {
+              std::memcpy(dst + i * 3 * row, tile.data() + ((y + i) * tile_w + xx) * row, 3 * row);
             }
           }
         }
@@ -892,6 +981,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_stats_forward", &pool_stats_forward, "2x2 max-pool (+ uint8 phase) and BN stats");
   m.def("pool_backward", &pool_backward, "unpool + BN statistics gradient");
   m.def("pool_gather", &pool_gather, "values at each window's winner");
+  m.def("pool_backward_backward", &pool_backward_backward, "derivatives of pool_backward");
   m.def("affine_relu_forward", &affine_relu_forward, "relu(scale * p + shift), cast on write");
   m.def("affine_relu_backward", &affine_relu_backward, "its input, scale and shift gradients");
   m.def("affine_relu_double_backward", &affine_relu_double_backward, "derivatives of the backward");

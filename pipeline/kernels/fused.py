@@ -103,16 +103,52 @@ class _Unpool(Function):
         if ggx is None:
             return (None,) * 6
         need = ctx.needs_input_grad
-        ggy = _Gather.apply(ggx, phase) if need[0] else None
-        gh = gc = goffset = None
-        if h is not None:
-            if need[3]:
-                gh = ggx.to(h.dtype) * c.to(h.dtype).view(1, -1, 1, 1)
-            if need[4]:
-                gc = torch.sum(ggx * h, (0, 2, 3), dtype=c.dtype)
-            if need[5]:
-                goffset = torch.sum(ggx, (0, 2, 3), dtype=c.dtype)
-        return ggy, None, None, gh, gc, goffset
+        if h is None or not (need[3] or need[4] or need[5]):
+            return _Gather.apply(ggx, phase) if need[0] else None, *(None,) * 5
+        if need[0] and torch.is_grad_enabled():  # a third derivative: ggy through _Gather
+            ggy = _Gather.apply(ggx, phase)
+            _, gh, gc, goffset = _UnpoolGrad.apply(ggx, phase, h, c, False, need[3])
+        else:  # one pass over ggx for all four (pipeline/kernels)
+            ggy, gh, gc, goffset = _UnpoolGrad.apply(ggx, phase, h, c, need[0], need[3])
+        return ggy, None, None, gh, gc.to(c.dtype), goffset.to(c.dtype)
+
+
+class _UnpoolGrad(Function):
+    """(ggy, gh, gc, goffset): `_Unpool`'s derivatives in ggx, h, c and offset, one pass.
+
+    ggy (the gather) is returned only when asked, and is not differentiable here (the caller
+    takes it from `_Gather` when a higher derivative needs it); gh = c * ggx, gc = sum of
+    ggx * h and goffset = sum of ggx per channel are, through the ops they are made of.
+    """
+
+    @staticmethod
+    def forward(ggx, phase, h, c, want_ggy, want_gh):  # noqa: ANN001, ANN205
+        ggy, gh, gc, goffset = cpu_kernels().pool_backward_backward(
+            ggx, phase, h, c, want_ggy, want_gh
+        )
+        return ggy if want_ggy else None, gh if want_gh else None, gc, goffset
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ggx, _, h, c, _, _ = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(ggx, h, c)
+
+    @staticmethod
+    def backward(ctx, _, dgh, dgc, dgoffset):  # noqa: ANN001, ANN205
+        ggx, h, c = ctx.saved_tensors
+        per_channel = (1, -1, 1, 1)
+        terms_x, dh, dc = [], None, None
+        if dgh is not None:
+            terms_x.append(dgh * c.to(dgh.dtype).view(per_channel))
+            dc = torch.sum(dgh * ggx, (0, 2, 3), dtype=c.dtype)
+        if dgc is not None:
+            terms_x.append(h * dgc.to(h.dtype).view(per_channel))
+            dh = ggx * dgc.to(h.dtype).view(per_channel)
+        if dgoffset is not None:
+            terms_x.append(dgoffset.to(ggx.dtype).view(per_channel).expand(ggx.shape))
+        dx = sum(terms_x[1:], terms_x[0]).to(ggx.dtype) if terms_x else None
+        return dx, None, dh, dc, None, None
 
 
 class _Gather(Function):
