@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -203,6 +204,28 @@ def test_meta_gradient_equals_reference_loop(key: str, backend: str) -> None:
     assert set(metrics) == set(METRICS) and metrics["tasks"] == 3
     for k in METRICS:
         assert metrics[k] == pytest.approx(ref_metrics[k], abs=1e-9)
+
+
+@pytest.mark.parametrize("key", ["maml", "fomaml", "reptile", "maml-zero"])
+def test_before_metrics_are_the_support_set_at_the_meta_parameters(key: str) -> None:
+    """"loss_before" / "accuracy_before": the first inner step's images (here the support
+    set) scored at the unadapted meta-parameters, as a plain forward pass would score them."""
+    lrn = learner(key)
+    if key == "reptile":  # first minibatch = the support set
+        lrn = learner(key, config=replace(CONFIGS[key], train_on_query=False))
+    params = lrn.init_params()
+    ep = episodes()
+    _, metrics = lrn.meta_gradient(params, ep)
+    start = {k: v * 0.0 if key.endswith("zero") and k.startswith("head") else v
+             for k, v in params.items()}
+    losses, hits = [], []
+    for t in range(ep.num_tasks):
+        logits = functional_call(lrn.model, start, (ep.support_x[t],))
+        losses.append(F.cross_entropy(logits, ep.support_y[t]).item())
+        hits.append((logits.argmax(1) == ep.support_y[t]).double().mean().item())
+    assert metrics["loss_before"] == pytest.approx(sum(losses), abs=1e-9)
+    assert metrics["accuracy_before"] == pytest.approx(sum(hits), abs=1e-9)
+    assert metrics["loss"] != pytest.approx(metrics["loss_before"])  # the query, adapted
 
 
 @pytest.mark.parametrize("key", KEYS)

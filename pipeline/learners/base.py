@@ -47,8 +47,13 @@ PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16")
 METRICS = ("tasks", "loss", "accuracy", "loss_before", "accuracy_before")
 """Keys of the metrics dict, each a SUM over tasks: "tasks" (T); "loss" and "accuracy": mean
 query cross-entropy / accuracy of each task after adaptation; "loss_before" and
-"accuracy_before": the same with the meta-parameters before adaptation (equal to "loss" and
-"accuracy" for learners without an inner loop). Divide by "tasks" for means."""
+"accuracy_before": mean cross-entropy / accuracy of each task at the meta-parameters, before
+adaptation, on the images of its first inner step (the support set; Reptile: its first inner
+minibatch), read off that step's forward pass, as MAML's reference code reports its
+pre-update loss: free, where a query forward at the meta-parameters cost MAML 8% of a
+meta-gradient. Support and query images are drawn alike, so before adaptation the two
+estimate the same figure. Learners without an inner loop report "loss" and "accuracy" again.
+Divide by "tasks" for means."""
 
 CPU_CHUNK_BYTES = 64 * 2**20
 """Budget for max_tasks_per_call="auto" on CPU: as many tasks per call as keep the first
@@ -203,17 +208,23 @@ def accuracy_sum(logits: Tensor, labels: Tensor) -> float:
 
 
 def metrics_dict(
-    tasks: int, logits: Tensor, labels: Tensor, logits_before: Tensor | None = None
+    tasks: int,
+    logits: Tensor,
+    labels: Tensor,
+    before: tuple[Tensor | None, Tensor] | None = None,
 ) -> dict[str, float]:
-    """The `METRICS` sums from query logits after (and before) adaptation."""
+    """The `METRICS` sums from query logits after adaptation, and from (logits, labels) of the
+    first inner step before it (None, or no logits: no inner step, the query figures again)."""
     with torch.no_grad():
-        before = logits if logits_before is None else logits_before
+        if before is None or before[0] is None:
+            before = (logits, labels)
+        logits_before, labels_before = before
         return {
             "tasks": float(tasks),
             "loss": loss_sum(logits, labels).item(),
             "accuracy": accuracy_sum(logits, labels),
-            "loss_before": loss_sum(before, labels).item(),
-            "accuracy_before": accuracy_sum(before, labels),
+            "loss_before": loss_sum(logits_before, labels_before).item(),
+            "accuracy_before": accuracy_sum(logits_before, labels_before),
         }
 
 
@@ -260,28 +271,36 @@ def sgd_adapt(
     lr: float,
     steps: int,
     second_order: bool = False,
-) -> Params:
+) -> tuple[Params, Tensor | None]:
     """`steps` SGD steps of each task's parameters on its own (x, y), all tasks at once.
+
+    Returns the adapted parameters, and the first step's logits on x at the starting
+    parameters [T, N, ways] (detached; None when steps=0): the "before" metrics.
 
     With `second_order=True`, call inside a `grad` / `grad_and_value` over the
     meta-parameters: each step's gradient stays differentiable (full MAML). Otherwise the
     inner gradients are treated as constants (first-order).
     """
-    theta = dict(theta)
+
+    def scaled_loss(th: Params) -> tuple[Tensor, Tensor]:
+        logits = net(th, x)
+        return loss_sum(logits, y) * -lr, logits
+
+    theta, first = dict(theta), None
     for _ in range(steps):
         # the step -lr * grad, as the gradient of -lr * loss: theta + step then has a free
         # backward, where theta - lr * grad multiplied every per-task weight gradient by -lr
-        # (MAML 1.5%)
-        step = grad(lambda th: loss_sum(net(th, x), y) * -lr)(theta)
+        step, (_, logits) = grad_and_value(scaled_loss, has_aux=True)(theta)
+        if first is None:
+            first = logits.detach()
         if not second_order:
             step = {k: s.detach() for k, s in step.items()}
         theta = {k: theta[k] + step[k] for k in theta}
-    return theta
+    return theta, first
 
 
 def sgd_step(theta: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float) -> Params:
-    """theta - lr * grads, key by key, each as one op (and one op in its backward, where `-`
-    and `*` took three passes over the per-task weights: FOMAML-5 4%, MAML 1% faster)."""
+    """theta - lr * grads, key by key, each as one op (one pass over the per-task weights)."""
     return {k: torch.add(theta[k], grads[k], alpha=-lr) for k in theta}
 
 
@@ -354,14 +373,18 @@ def reference_sgd(
     lr: float,
     steps: int,
     create_graph: bool,
-) -> Params:
-    """`steps` SGD steps on one task, as learn2learn's `adapt` does (autograd.grad per step)."""
-    p = dict(params)
+) -> tuple[Params, Tensor | None]:
+    """`steps` SGD steps on one task, as learn2learn's `adapt` does (autograd.grad per step).
+    Also returns the first step's logits (detached; None when steps=0), as `sgd_adapt`."""
+    p, first = dict(params), None
     for _ in range(steps):
-        loss = F.cross_entropy(reference_forward(model, p, x), y)
+        logits = reference_forward(model, p, x)
+        if first is None:
+            first = logits.detach()
+        loss = F.cross_entropy(logits, y)
         grads = torch.autograd.grad(loss, list(p.values()), create_graph=create_graph)
         p = {k: v - lr * g for (k, v), g in zip(p.items(), grads, strict=True)}
-    return p
+    return p, first
 
 
 def reference_predict(
@@ -383,11 +406,16 @@ def reference_predict(
 
 
 def reference_metrics(
-    logits: list[Tensor], labels: Tensor, logits_before: list[Tensor] | None = None
+    logits: list[Tensor],
+    labels: Tensor,
+    before: tuple[list[Tensor | None], Tensor] | None = None,
 ) -> dict[str, float]:
-    """`metrics_dict` from per-task lists of logits."""
-    before = None if logits_before is None else torch.stack(logits_before)
-    return metrics_dict(len(logits), torch.stack(logits), labels, before)
+    """`metrics_dict` from per-task lists of logits (and of the first inner step's, with
+    their labels [T, N])."""
+    if before is None or any(b is None for b in before[0]):
+        return metrics_dict(len(logits), torch.stack(logits), labels)
+    firsts = [b for b in before[0] if b is not None]  # all of them (narrows the type)
+    return metrics_dict(len(logits), torch.stack(logits), labels, (torch.stack(firsts), before[1]))
 
 
 def add_into(total: Params, grads: Mapping[str, Tensor] | list[Tensor]) -> None:

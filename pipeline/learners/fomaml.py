@@ -40,7 +40,7 @@ class FOMAML(MAML):
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
         theta0 = task_start(params, ep.num_tasks, cfg.zero_head)
-        theta = sgd_adapt(
+        theta, before = sgd_adapt(
             net, theta0, ep.support_x, ep.support_y, lr=cfg.inner_lr, steps=cfg.inner_steps
         )
 
@@ -49,12 +49,10 @@ class FOMAML(MAML):
             return loss_sum(logits, ep.query_y), logits
 
         grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(theta)
-        with torch.no_grad():
-            before = net(theta0, ep.query_x)
         if cfg.zero_head:  # the head's start does not depend on the meta-parameters
             grads = {k: g.zero_() if k in HEAD else g for k, g in grads.items()}
         return {k: g.sum(0) for k, g in grads.items()}, metrics_dict(
-            ep.num_tasks, logits, ep.query_y, before
+            ep.num_tasks, logits, ep.query_y, (before, ep.support_y)
         )
 
     def reference_meta_gradient(
@@ -66,7 +64,7 @@ class FOMAML(MAML):
         for t in range(ep.num_tasks):
             p = reference_start(params, cfg.zero_head)
             p = {k: v.detach().requires_grad_() for k, v in p.items()}
-            p = reference_sgd(
+            p, first = reference_sgd(
                 self.model,
                 p,
                 ep.support_x[t],
@@ -81,7 +79,5 @@ class FOMAML(MAML):
             g = dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
             add_into(total, {k: v * 0.0 if cfg.zero_head and k in HEAD else v for k, v in g.items()})
             logits.append(out.detach())
-            with torch.no_grad():
-                start = reference_start(params, cfg.zero_head)
-                before.append(reference_forward(self.model, start, ep.query_x[t]))
-        return total, reference_metrics(logits, ep.query_y, before)
+            before.append(first)
+        return total, reference_metrics(logits, ep.query_y, (before, ep.support_y))

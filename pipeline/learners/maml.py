@@ -65,8 +65,8 @@ class MAML(Learner):
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
 
-        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
-            theta = sgd_adapt(
+        def query_loss(phi: Params) -> tuple[Tensor, tuple[Tensor, Tensor | None]]:
+            theta, before = sgd_adapt(
                 net,
                 task_start(phi, ep.num_tasks, cfg.zero_head),
                 ep.support_x,
@@ -76,18 +76,16 @@ class MAML(Learner):
                 second_order=not cfg.first_order,
             )
             logits = net(theta, ep.query_x)
-            return loss_sum(logits, ep.query_y), logits
+            return loss_sum(logits, ep.query_y), (logits, before)
 
-        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
-        with torch.no_grad():
-            before = net(task_start(params, ep.num_tasks, cfg.zero_head), ep.query_x)
-        return grads, metrics_dict(ep.num_tasks, logits, ep.query_y, before)
+        grads, (_, (logits, before)) = grad_and_value(query_loss, has_aux=True)(params)
+        return grads, metrics_dict(ep.num_tasks, logits, ep.query_y, (before, ep.support_y))
 
     def _adapt_and_predict(
         self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
     ) -> Tensor:
         steps = self.config.eval_inner_steps if steps is None else steps
-        theta = sgd_adapt(
+        theta, _ = sgd_adapt(
             self.net,
             task_start(params, episodes.num_tasks, self.config.zero_head),
             episodes.support_x,
@@ -107,7 +105,7 @@ class MAML(Learner):
         logits, before = [], []
         for t in range(ep.num_tasks):
             p = reference_start(phi, cfg.zero_head)  # learn2learn's clone()
-            p = reference_sgd(
+            p, first = reference_sgd(
                 self.model,
                 p,
                 ep.support_x[t],
@@ -120,10 +118,8 @@ class MAML(Learner):
             loss = torch.nn.functional.cross_entropy(out, ep.query_y[t])
             add_into(total, torch.autograd.grad(loss, list(phi.values())))
             logits.append(out.detach())
-            with torch.no_grad():
-                start = reference_start(phi, cfg.zero_head)
-                before.append(reference_forward(self.model, start, ep.query_x[t]))
-        return total, reference_metrics(logits, ep.query_y, before)
+            before.append(first)
+        return total, reference_metrics(logits, ep.query_y, (before, ep.support_y))
 
     def reference_adapt_and_predict(
         self,
@@ -138,7 +134,7 @@ class MAML(Learner):
         for t in range(episodes.num_tasks):
             p = reference_start(params, self.config.zero_head)
             p = {k: v.detach().requires_grad_() for k, v in p.items()}
-            p = reference_sgd(
+            p, _ = reference_sgd(
                 self.model,
                 p,
                 episodes.support_x[t],
@@ -154,3 +150,4 @@ class MAML(Learner):
                     )
                 )
         return torch.stack(out)
+

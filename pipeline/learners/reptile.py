@@ -33,7 +33,7 @@ from pipeline.learners.base import (
     BNMode,
     Learner,
     Params,
-    grad,
+    grad_and_value,
     loss_sum,
     metrics_dict,
     predict,
@@ -116,16 +116,25 @@ def inner_train(
     batches: list[tuple[Tensor, Tensor]],
     cfg: ReptileConfig,
     steps: int,
-) -> Params:
+) -> tuple[Params, Tensor | None]:
     """`steps` SGD/Adam steps for every task at once, step i on minibatch i mod len(batches);
-    no autograd graph is kept."""
+    no autograd graph is kept. Also returns the first step's logits on its minibatch at the
+    starting parameters (None when steps=0): the "before" metrics."""
     theta = {k: v.detach() for k, v in theta.items()}
     m: Params = {}
     v2: Params = {}
     beta1, beta2 = cfg.adam_betas
+    first = None
     for i in range(1, steps + 1):
         x, y = batches[(i - 1) % len(batches)]
-        grads = grad(lambda th, x=x, y=y: loss_sum(net(th, x), y))(theta)
+
+        def loss(th: Params, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor]:
+            logits = net(th, x)
+            return loss_sum(logits, y), logits
+
+        grads, (_, logits) = grad_and_value(loss, has_aux=True)(theta)
+        if first is None:
+            first = logits.detach()
         if cfg.inner_optimizer == "sgd":
             theta = sgd_step(theta, grads, cfg.inner_lr)
             continue
@@ -138,7 +147,7 @@ def inner_train(
                     v2[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = v2[k].sqrt().div_(math.sqrt(1 - beta2**i)).add_(cfg.adam_eps)
                 theta[k] = theta[k].addcdiv(m[k], denom, value=-cfg.inner_lr / (1 - beta1**i))
-    return theta
+    return theta, first
 
 
 class Reptile(Learner):
@@ -167,7 +176,8 @@ class Reptile(Learner):
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes
         start = task_start(params, ep.num_tasks, cfg.zero_head)
-        theta = inner_train(net, start, self._inner_data(ep), cfg, cfg.inner_steps)
+        batches = self._inner_data(ep)
+        theta, before = inner_train(net, start, batches, cfg, cfg.inner_steps)
         grads = {
             k: torch.zeros_like(params[k])
             if cfg.zero_head and k in HEAD
@@ -175,9 +185,8 @@ class Reptile(Learner):
             for k in params
         }
         with torch.no_grad():
-            before = net(start, ep.query_x)
             after = net(theta, ep.query_x)
-        return grads, metrics_dict(ep.num_tasks, after, ep.query_y, before)
+        return grads, metrics_dict(ep.num_tasks, after, ep.query_y, (before, batches[0][1]))
 
     def _adapt_and_predict(
         self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
@@ -185,7 +194,7 @@ class Reptile(Learner):
         steps = self.config.eval_inner_steps if steps is None else steps
         ep = episodes
         start = task_start(params, ep.num_tasks, self.config.zero_head)
-        theta = inner_train(self.net, start, [(ep.support_x, ep.support_y)], self.config, steps)
+        theta, _ = inner_train(self.net, start, [(ep.support_x, ep.support_y)], self.config, steps)
         with torch.no_grad():
             return predict(self.net, theta, ep, bn_mode)
 
@@ -209,16 +218,21 @@ class Reptile(Learner):
 
     def _reference_train(
         self, params: Mapping[str, Tensor], batches: list[tuple[Tensor, Tensor]], steps: int
-    ) -> Params:
-        """One task, hand-written SGD / Adam (same formulas as torch.optim's)."""
+    ) -> tuple[Params, Tensor | None]:
+        """One task, hand-written SGD / Adam (same formulas as torch.optim's); also the first
+        step's logits, as `inner_train`."""
         cfg = self.config
         p = {k: v.detach() for k, v in reference_start(params, cfg.zero_head).items()}
         m, v2 = zeros_like(p), zeros_like(p)
         beta1, beta2 = cfg.adam_betas
+        first = None
         for i in range(1, steps + 1):
             x, y = batches[(i - 1) % len(batches)]
             leaf = {k: t.requires_grad_() for k, t in p.items()}
-            loss = F.cross_entropy(reference_forward(self.model, leaf, x), y)
+            logits = reference_forward(self.model, leaf, x)
+            if first is None:
+                first = logits.detach()
+            loss = F.cross_entropy(logits, y)
             grads = torch.autograd.grad(loss, list(leaf.values()))
             with torch.no_grad():
                 for (k, t), g in zip(leaf.items(), grads, strict=True):
@@ -229,25 +243,26 @@ class Reptile(Learner):
                     v2[k] = beta2 * v2[k] + (1 - beta2) * g * g
                     denom = v2[k].sqrt() / math.sqrt(1 - beta2**i) + cfg.adam_eps
                     p[k] = t - cfg.inner_lr / (1 - beta1**i) * m[k] / denom
-        return p
+        return p, first
 
     def reference_meta_gradient(
         self, params: Mapping[str, Tensor], episodes: Episodes
     ) -> tuple[Params, dict[str, float]]:
         ep = episodes
         total = zeros_like(params)
-        after, before = [], []
+        after, before, before_labels = [], [], []
         for t in range(ep.num_tasks):
             batches = self._reference_batches(ep, t)
-            theta = self._reference_train(params, batches, self.config.inner_steps)
+            theta, first = self._reference_train(params, batches, self.config.inner_steps)
             for k in total:
                 if not (self.config.zero_head and k in HEAD):
                     total[k] += params[k].detach() - theta[k]
             with torch.no_grad():
-                start = reference_start(params, self.config.zero_head)
                 after.append(reference_forward(self.model, theta, ep.query_x[t]))
-                before.append(reference_forward(self.model, start, ep.query_x[t]))
-        return total, reference_metrics(after, ep.query_y, before)
+            before.append(first)
+            before_labels.append(batches[0][1])
+        labels = torch.stack(before_labels)
+        return total, reference_metrics(after, ep.query_y, (before, labels))
 
     def reference_adapt_and_predict(
         self,
@@ -261,7 +276,7 @@ class Reptile(Learner):
         out = []
         for t in range(episodes.num_tasks):
             support = [(episodes.support_x[t], episodes.support_y[t])]
-            theta = self._reference_train(params, support, steps)
+            theta, _ = self._reference_train(params, support, steps)
             with torch.no_grad():
                 out.append(
                     reference_predict(
