@@ -338,6 +338,64 @@ void stem_grad_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ p
   }
 }
 
+// stem_grad_window for the Wo windows of one pooled row of one task at once: each block of
+// 16 channels and 9 patch entries sums in registers across the row, and the task's
+// accumulator acc [K][C] (in L2) is touched once per row instead of once per window.
+// gs: the row's gradient split by winner, [Wo][4][C] (stem_split_row); nbs: the windows'
+// patches, [Wo][4 * K].
+template <typename opmath_t>
+void stem_grad_row(const opmath_t* __restrict__ gs, const opmath_t* __restrict__ nbs, int64_t Wo,
+                   int64_t K, int64_t C, opmath_t* __restrict__ acc) {
+  constexpr int64_t B = 16, KB = 9;
+  int64_t c0 = 0;
+  for (; c0 + B <= C; c0 += B) {
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {  // K = 9 * C_in
+      opmath_t a[KB][B] = {};
+      for (int64_t j = 0; j < Wo; ++j) {
+        const opmath_t* m = gs + j * 4 * C + c0;
+        const opmath_t* nb = nbs + j * 4 * K + 4 * k0;
+#pragma GCC unroll 9
+        for (int64_t k = 0; k < KB; ++k) {
+          const opmath_t p0 = nb[4 * k], p1 = nb[4 * k + 1], p2 = nb[4 * k + 2],
+                         p3 = nb[4 * k + 3];
+          for (int64_t c = 0; c < B; ++c) {
+            a[k][c] += m[c] * p0 + m[C + c] * p1 + m[2 * C + c] * p2 + m[3 * C + c] * p3;
+          }
+        }
+      }
+      for (int64_t k = 0; k < KB; ++k) {
+        opmath_t* out = acc + (k0 + k) * C + c0;
+        for (int64_t c = 0; c < B; ++c) out[c] += a[k][c];
+      }
+    }
+  }
+  for (int64_t c = c0; c < C; ++c) {  // the remainder, channel by channel
+    for (int64_t j = 0; j < Wo; ++j) {
+      const opmath_t* m = gs + j * 4 * C + c;
+      const opmath_t* nb = nbs + j * 4 * K;
+      for (int64_t k = 0; k < K; ++k) {
+        acc[k * C + c] += m[0] * nb[4 * k] + m[C] * nb[4 * k + 1] + m[2 * C] * nb[4 * k + 2] +
+                          m[3 * C] * nb[4 * k + 3];
+      }
+    }
+  }
+}
+
+// One window's gradient g [C] split by winner: o[a][c] = g[c] if phase[c] == a, else 0.
+template <typename raw_t, typename opmath_t>
+void stem_split_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ phase, int64_t C,
+                       opmath_t* __restrict__ o0, opmath_t* __restrict__ o1,
+                       opmath_t* __restrict__ o2, opmath_t* __restrict__ o3) {
+  for (int64_t c = 0; c < C; ++c) {
+    const opmath_t v = widen(g[c]), zero = 0;
+    const uint8_t k = phase[c];
+    o0[c] = k == 0 ? v : zero;
+    o1[c] = k == 1 ? v : zero;
+    o2[c] = k == 2 ? v : zero;
+    o3[c] = k == 3 ? v : zero;
+  }
+}
+
 // Per-thread partial sums of `width` values for a parallel_for, then their totals.
 template <typename T>
 class ThreadSums {
@@ -898,17 +956,18 @@ Tensor stem_weight_grad(const Tensor& gy, const Tensor& x, const Tensor& phase, 
     ThreadSums<opmath_t> sums(total);
     at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
       opmath_t* mine = sums.mine();
-      std::vector<opmath_t> nb(4 * K), gs(4 * C);
+      std::vector<opmath_t> nbs(Wo * 4 * K), gs(Wo * 4 * C);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / Ho, i = item % Ho;
-        for (int64_t j = 0; j < Wo; ++j) {
-          for (int64_t t = 0; t < tasks; ++t) {
-            stem_patches<in_t, opmath_t>(xp, H + 2, W + 2, tasks * Ci, Ci, n, t, i, j, nb.data());
+        for (int64_t t = 0; t < tasks; ++t) {
+          for (int64_t j = 0; j < Wo; ++j) {
+            stem_patches<in_t, opmath_t>(xp, H + 2, W + 2, tasks * Ci, Ci, n, t, i, j,
+                                         nbs.data() + j * 4 * K);
             const int64_t at = ((n * Ho + i) * Wo + j) * tasks * C + t * C;
-            opmath_t* g0 = gs.data();
-            stem_grad_window(gp + at, pp + at, nb.data(), K, C, g0, g0 + C, g0 + 2 * C,
-                             g0 + 3 * C, mine + t * K * C);
+            opmath_t* o = gs.data() + j * 4 * C;
+            stem_split_window(gp + at, pp + at, C, o, o + C, o + 2 * C, o + 3 * C);
           }
+          stem_grad_row(gs.data(), nbs.data(), Wo, K, C, mine + t * K * C);
         }
       }
     });
