@@ -26,7 +26,9 @@ statistics vectorise over T*C); ReLU(BN(.)) is monotone per channel when the BN 
 positive, so max-pooling runs BEFORE the affine map and ReLU, which then touch a quarter of the
 data; the convolution and the BN statistics are custom autograd functions whose backward passes
 are themselves differentiable, so second-order MAML never falls into PyTorch's grouped-conv
-double-backward (which loops over groups) or the generic BatchNorm double-backward.
+double-backward (which loops over groups) or the generic BatchNorm double-backward. Weights
+that every task shares (the meta-parameters, before any inner step) run as ONE dilated
+convolution over the same memory (`conv3x3`): faster than the grouped one.
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ class GroupedConv4:
                 # largest activation of the network is never written
                 pooled, fused = stem_pool(h, weight, t), True
             else:
-                h = _Conv3x3.apply(h, _conv_weights(weight, low), t)
+                h = conv3x3(h, weight, low)
                 fused = usable(h)  # one pass for pooling + statistics (pipeline/kernels)
             if norm == "batch":
                 if patch_stats:
@@ -293,22 +295,24 @@ class GroupedConv4:
         return h
 
 
+def conv3x3(h: Tensor, w: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Each task's 3x3 convolution (padding 1): h [N, T*C_in, H, W] channels_last, per-task
+    weights w [T, C_out, C_in, 3, 3] (cast to `dtype`, default w's), differentiable to any order.
+
+    Weights that all tasks share (an expanded view, stride 0 over T: the meta-parameters, before
+    an inner step) take ONE dilated convolution instead of a grouped one (`_SharedConv3x3`).
+    """
+    if w.stride(0) == 0:
+        return _SharedConv3x3.apply(h, w, dtype or w.dtype)
+    return _Conv3x3.apply(h, _conv_weights(w, dtype), w.shape[0])
+
+
 def _conv_weights(w: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Per-task weights [T, C_out, C_in, 3, 3] as grouped-conv weights [T*C_out, C_in, 3, 3] in
     `dtype`, channels_last: what oneDNN converts them to for channels_last activations anyway
     (once here rather than inside every convolution and its backward), cast in the same copy.
-
-    Weights shared by all tasks (an expanded view, stride 0 over T) are cast once and then
-    replicated in the low dtype, instead of converting T copies. Only without autograd: a
-    gradient taken with respect to w (an inner loop's) must come out per task.
     """
-    t, c_out = w.shape[:2]
-    dtype = dtype or w.dtype
-    if t > 1 and w.stride(0) == 0 and not w.requires_grad:
-        one = w[0].to(dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1)  # dense
-        copies = one.expand(t, *one.shape).reshape(t * c_out, *one.shape[1:])
-        return copies.permute(0, 3, 1, 2)  # [T*C_out, C_in, 3, 3], channels_last strides
-    return _Cast.apply(w.reshape(-1, *w.shape[2:]), dtype, torch.channels_last)
+    return _Cast.apply(w.reshape(-1, *w.shape[2:]), dtype or w.dtype, torch.channels_last)
 
 
 def _first_layer_stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -447,6 +451,98 @@ class _Conv3x3WeightGrad(Function):
         dx = _Conv3x3InputGrad.apply(gy, ggw, ctx.groups) if ctx.needs_input_grad[0] else None
         dgy = _Conv3x3.apply(x, ggw, ctx.groups) if ctx.needs_input_grad[1] else None
         return dx, dgy, None
+
+
+# Weights shared by all tasks. In the [N, T*C, H, W] channels_last layout, memory runs
+# [N][H][W][T][C]: the same bytes are [N, C, H, W*T] channels_last, every task's image side
+# by side with the tasks interleaved along the width. A 3x3 convolution with dilation T along
+# the width (padding T) then sees exactly each task's own neighbours: one plain convolution
+# computes every task's, which oneDNN runs faster than the grouped one (32 tasks, bfloat16,
+# 2-core Zen 4: 14x14 7.2 -> 5.7 ms, 7x7 1.7 -> 1.3, 3x3 0.49 -> 0.26; forward and
+# backward-data alike). The weight gradient stays per task (the grouped kernel): an inner loop
+# differentiates with respect to each task's copy.
+
+
+def _tasks_as_width(h: Tensor, tasks: int) -> Tensor:
+    """[N, T*C, H, W] channels_last -> the same memory as [N, C, H, W*T] channels_last."""
+    n, tc, hh, ww = h.shape
+    return h.permute(0, 2, 3, 1).reshape(n, hh, ww * tasks, tc // tasks).permute(0, 3, 1, 2)
+
+
+def _width_as_tasks(h: Tensor, tasks: int) -> Tensor:
+    """The inverse of `_tasks_as_width`."""
+    n, c, hh, wt = h.shape
+    return h.permute(0, 2, 3, 1).reshape(n, hh, wt // tasks, tasks * c).permute(0, 3, 1, 2)
+
+
+def _shared_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """Task 0's weights [C_out, C_in, 3, 3] of an expanded [T, ...] view, cast, channels_last."""
+    return w[0].to(dtype, memory_format=torch.channels_last)
+
+
+def _per_task_weight_grad(x: Tensor, gy: Tensor, w: Tensor) -> Tensor:
+    """Each task's weight gradient [T, C_out, C_in, 3, 3] (w's dtype) of <gy, conv(x, w_t)>."""
+    t = w.shape[0]
+    gw = _Conv3x3WeightGrad.apply(x.contiguous(memory_format=torch.channels_last), gy, t)
+    return _Cast.apply(gw, w.dtype, torch.contiguous_format).view(w.shape)
+
+
+class _SharedConv3x3(Function):
+    """y = every task's conv2d(x_t, w_0, padding=1), w [T, C_out, C_in, 3, 3] with stride 0
+    over T, as one dilated convolution; its gradient in w is per task."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
+        t = w.shape[0]
+        y = F.conv2d(_tasks_as_width(x, t), _shared_weight(w, dtype), padding=(1, t),
+                     dilation=(1, t))
+        return _width_as_tasks(y, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, w, dtype = inputs
+        ctx.save_for_backward(x, w)
+        ctx.dtype = dtype
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        gx = _SharedConv3x3InputGrad.apply(gy, w, ctx.dtype) if ctx.needs_input_grad[0] else None
+        gw = _per_task_weight_grad(x, gy, w) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class _SharedConv3x3InputGrad(Function):
+    """gx = Cx(gy, w_0) for every task (the shared weights' backward-data, dilated)."""
+
+    @staticmethod
+    def forward(gy: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
+        t, _, c_in = w.shape[:3]
+        n, _, hh, ww = gy.shape
+        x_like = torch.empty(
+            (n, c_in, hh, ww * t), dtype=gy.dtype, device=gy.device,
+            memory_format=torch.channels_last,
+        )
+        gx = torch.ops.aten.convolution_backward(
+            _tasks_as_width(gy, t), x_like, _shared_weight(w, dtype), None, _STRIDE, [1, t],
+            [1, t], False, _OUT_PAD, 1, [True, False, False],
+        )[0]
+        return _width_as_tasks(gx, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        gy, w, dtype = inputs
+        ctx.save_for_backward(gy, w)
+        ctx.dtype = dtype
+
+    @staticmethod
+    def backward(ctx, ggx: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        gy, w = ctx.saved_tensors
+        ggx = ggx.contiguous(memory_format=torch.channels_last)
+        dgy = _SharedConv3x3.apply(ggx, w, ctx.dtype) if ctx.needs_input_grad[0] else None
+        dw = _per_task_weight_grad(ggx, gy, w) if ctx.needs_input_grad[1] else None
+        return dgy, dw, None
 
 
 SMALL_WEIGHT_GRAD_PIXELS = 49
