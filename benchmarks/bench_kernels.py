@@ -12,6 +12,9 @@
 * A grouped 3x3 convolution's weight gradient (32 tasks as groups, 5 images, 64 -> 64
   channels, bfloat16) by oneDNN's backward-weights kernel vs `conv3x3_weight_grad` (gather +
   one matrix product per group), at 14x14, 7x7 and 3x3: the models use the latter up to 7x7.
+* Weights shared by all tasks (the meta-parameters before an inner step): the grouped
+  convolution over 32 copies vs one convolution dilated along the task-interleaved width
+  (`pipeline.models.conv3x3`), forward and backward-data, at 14x14, 7x7 and 3x3.
 
     python benchmarks/bench_kernels.py
 """
@@ -135,6 +138,35 @@ def weight_gradients() -> dict[str, float]:
     return out
 
 
+def shared_weights() -> dict[str, float]:
+    """Shared weights: 32 grouped copies vs one dilated convolution (same memory, same result)."""
+    from pipeline.models import _tasks_as_width
+
+    cl, bf, tasks = torch.channels_last, torch.bfloat16, 32
+    out = {}
+    for side in (14, 7, 3):
+        x = torch.randn(5, tasks * 64, side, side).to(bf).contiguous(memory_format=cl)
+        w = torch.randn(64, 64, 3, 3).to(bf).contiguous(memory_format=cl)
+        copies = w.repeat(tasks, 1, 1, 1).contiguous(memory_format=cl)
+        wide = _tasks_as_width(x, tasks)
+        grouped = ([1, 1], [1, 1], [1, 1], False, [0, 0], tasks)
+        dilated = ([1, 1], [1, tasks], [1, tasks], False, [0, 0], 1)
+        data = [True, False, False]
+        out[f"shared {side}x{side} grouped fwd"] = ms(
+            lambda: F.conv2d(x, copies, padding=1, groups=tasks)  # noqa: B023
+        )
+        out[f"shared {side}x{side} dilated fwd"] = ms(
+            lambda: F.conv2d(wide, w, padding=(1, tasks), dilation=(1, tasks))  # noqa: B023
+        )
+        out[f"shared {side}x{side} grouped bwd-data"] = ms(
+            lambda: torch.ops.aten.convolution_backward(x, x, copies, None, *grouped, data)  # noqa: B023
+        )
+        out[f"shared {side}x{side} dilated bwd-data"] = ms(
+            lambda: torch.ops.aten.convolution_backward(wide, wide, w, None, *dilated, data)  # noqa: B023
+        )
+    return out
+
+
 def main() -> None:
     threads = 2
     torch.set_num_threads(threads)
@@ -144,6 +176,7 @@ def main() -> None:
     results = convolutions()
     results.update(fused_kernels())
     results.update(weight_gradients())
+    results.update(shared_weights())
     for mode in ("default", "keep"):
         env = {**os.environ, "ANOLE_MALLOC_TUNING": "1"}
         child = subprocess.run([sys.executable, __file__, "--memory", mode], env=env,
@@ -151,7 +184,7 @@ def main() -> None:
         results.update(json.loads(child.stdout.strip().splitlines()[-1]))
     print(f"torch {torch.__version__}, {threads} threads, ms per call")
     for name, value in results.items():
-        print(f"{name:28} {value:8.2f}")
+        print(f"{name:34} {value:8.2f}")
 
 
 if __name__ == "__main__":

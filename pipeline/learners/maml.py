@@ -150,4 +150,3 @@ class MAML(Learner):
                     )
                 )
         return torch.stack(out)
-
