@@ -487,7 +487,17 @@ def _per_task_weight_grad(x: Tensor, gy: Tensor, w: Tensor) -> Tensor:
     return _Cast.apply(gw, w.dtype, torch.contiguous_format).view(w.shape)
 
 
-class _SharedConv3x3(Function):
+class _SharedWeightFunction(Function):
+    """Inputs (activation or gradient, expanded weights w, compute dtype): saves the first two."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        a, w, dtype = inputs
+        ctx.save_for_backward(a, w)
+        ctx.dtype = dtype
+
+
+class _SharedConv3x3(_SharedWeightFunction):
     """y = every task's conv2d(x_t, w_0, padding=1), w [T, C_out, C_in, 3, 3] with stride 0
     over T, as one dilated convolution; its gradient in w is per task."""
 
@@ -499,12 +509,6 @@ class _SharedConv3x3(Function):
         return _width_as_tasks(y, t)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        x, w, dtype = inputs
-        ctx.save_for_backward(x, w)
-        ctx.dtype = dtype
-
-    @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
         x, w = ctx.saved_tensors
         gy = gy.contiguous(memory_format=torch.channels_last)
@@ -513,7 +517,7 @@ class _SharedConv3x3(Function):
         return gx, gw, None
 
 
-class _SharedConv3x3InputGrad(Function):
+class _SharedConv3x3InputGrad(_SharedWeightFunction):
     """gx = Cx(gy, w_0) for every task (the shared weights' backward-data, dilated)."""
 
     @staticmethod
@@ -529,12 +533,6 @@ class _SharedConv3x3InputGrad(Function):
             [1, t], False, _OUT_PAD, 1, [True, False, False],
         )[0]
         return _width_as_tasks(gx, t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        gy, w, dtype = inputs
-        ctx.save_for_backward(gy, w)
-        ctx.dtype = dtype
 
     @staticmethod
     def backward(ctx, ggx: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001

@@ -317,30 +317,10 @@ void stem_select_row(const opmath_t* __restrict__ v0, const opmath_t* __restrict
   }
 }
 
-// acc[k][c] += g[c] * nb[k][phase[c]]
-template <typename raw_t, typename opmath_t>
-void stem_grad_window(const raw_t* __restrict__ g, const uint8_t* __restrict__ phase,
-                      const opmath_t* nb, int64_t K, int64_t C, opmath_t* __restrict__ g0,
-                      opmath_t* __restrict__ g1, opmath_t* __restrict__ g2,
-                      opmath_t* __restrict__ g3, opmath_t* __restrict__ acc) {
-  for (int64_t c = 0; c < C; ++c) {
-    const opmath_t v = widen(g[c]), zero = 0;
-    const uint8_t k = phase[c];
-    g0[c] = k == 0 ? v : zero;
-    g1[c] = k == 1 ? v : zero;
-    g2[c] = k == 2 ? v : zero;
-    g3[c] = k == 3 ? v : zero;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const opmath_t a = nb[4 * k], b = nb[4 * k + 1], d = nb[4 * k + 2], e = nb[4 * k + 3];
-    opmath_t* __restrict__ out = acc + k * C;
-    for (int64_t c = 0; c < C; ++c) out[c] += g0[c] * a + g1[c] * b + g2[c] * d + g3[c] * e;
-  }
-}
-
-// stem_grad_window for the Wo windows of one pooled row of one task at once: each block of
-// 16 channels and 9 patch entries sums in registers across the row, and the task's
-// accumulator acc [K][C] (in L2) is touched once per row instead of once per window.
+// acc[k][c] += g[c] * nb[k][phase[c]] summed over the Wo windows of one pooled row of one
+// task: each block of 16 channels and 9 patch entries sums in registers across the row, and
+// the task's accumulator acc [K][C] (in L2) is touched once per row instead of once per
+// window (2.19 -> 1.83 ms for 32 tasks).
 // gs: the row's gradient split by winner, [Wo][4][C] (stem_split_row); nbs: the windows'
 // patches, [Wo][4 * K].
 template <typename opmath_t>
