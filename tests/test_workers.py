@@ -381,7 +381,13 @@ def test_pooled_worker_restarted_between_steps_is_reconfigured(
     )
     result = trainer.run()
     assert killed and result.retries >= 1
-    np.testing.assert_allclose(result.final_params, trainer_runs(cfg)[0], rtol=0, atol=2e-6)
+    # against the single-process run, the bound of test_sync_training_matches_...: shards
+    # round differently from one call (the shared-weight convolution's summation order depends
+    # on how many tasks it sees); a worker's update computed as reptile's, or lost, moves
+    # every parameter by ~lr per step, 10x above it
+    expected = trainer_runs(cfg)[0]
+    gap = np.linalg.norm(result.final_params - expected) / np.linalg.norm(expected)
+    assert gap < 5e-4, f"relative difference {gap:.1e}"
 
 
 def test_corrupt_checkpoint_falls_back_and_says_so(images, pool, clean_fault_run, tmp_path):
