@@ -321,7 +321,7 @@ void stem_select_row(const opmath_t* __restrict__ v0, const opmath_t* __restrict
 // task: each block of 16 channels and 9 patch entries sums in registers across the row, and
 // the task's accumulator acc [K][C] (in L2) is touched once per row instead of once per
 // window (2.19 -> 1.83 ms for 32 tasks).
-// gs: the row's gradient split by winner, [Wo][4][C] (stem_split_row); nbs: the windows'
+// gs: the row's gradient split by winner, [Wo][4][C] (stem_split_window); nbs: the windows'
 // patches, [Wo][4 * K].
 template <typename opmath_t>
 void stem_grad_row(const opmath_t* __restrict__ gs, const opmath_t* __restrict__ nbs, int64_t Wo,
@@ -388,6 +388,14 @@ class ThreadSums {
     T sum = 0;
     for (int k = 0; k < threads_; ++k) sum += acc_[static_cast<size_t>(k) * width_ + e];
     return sum;
+  }
+  // Totals from .. from + count - 1 as a new 1-d tensor of out_t (a per-channel result).
+  template <typename out_t>
+  Tensor totals(int64_t from, int64_t count, const at::TensorOptions& options) const {
+    Tensor out = at::empty({count}, options.dtype(c10::CppTypeToScalarType<out_t>::value));
+    out_t* p = out.data_ptr<out_t>();
+    for (int64_t e = 0; e < count; ++e) p[e] = static_cast<out_t>(total(from + e));
+    return out;
   }
 
  private:
@@ -638,14 +646,8 @@ std::vector<Tensor> pool_backward_backward(const Tensor& ggx_in, const Tensor& p
         }
       }
     });
-    gc = at::empty({C}, h.options().dtype(stat_dtype));
-    goffset = at::empty({C}, h.options().dtype(stat_dtype));
-    opmath_t* a = gc.data_ptr<opmath_t>();
-    opmath_t* b = goffset.data_ptr<opmath_t>();
-    for (int64_t k = 0; k < C; ++k) {
-      a[k] = static_cast<opmath_t>(sums.total(k));
-      b[k] = static_cast<opmath_t>(sums.total(C + k));
-    }
+    gc = sums.totals<opmath_t>(0, C, h.options());
+    goffset = sums.totals<opmath_t>(C, C, h.options());
   });
   return {ggy, gh, gc, goffset};
 }
@@ -720,14 +722,8 @@ std::vector<Tensor> affine_relu_backward(const Tensor& g, const Tensor& out, con
         affine_relu_grad_row(gptr + at, optr + at, pptr + at, scp, C, gpp + at, gs, gs + C);
       }
     });
-    gscale = at::empty({C}, p.options().dtype(stat_dtype));
-    gshift = at::empty({C}, p.options().dtype(stat_dtype));
-    opmath_t* a = gscale.data_ptr<opmath_t>();
-    opmath_t* b = gshift.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] = static_cast<opmath_t>(sums.total(c));
-      b[c] = static_cast<opmath_t>(sums.total(C + c));
-    }
+    gscale = sums.totals<opmath_t>(0, C, p.options());
+    gshift = sums.totals<opmath_t>(C, C, p.options());
   });
   return {gp, gscale, gshift};
 }
@@ -776,9 +772,7 @@ std::vector<Tensor> affine_relu_double_backward(const Tensor& g, const Tensor& o
                                   dgp + at, dpp + at, ds);
       }
     });
-    dscale = at::empty({C}, p.options().dtype(stat_dtype));
-    opmath_t* d = dscale.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) d[c] = static_cast<opmath_t>(sums.total(c));
+    dscale = sums.totals<opmath_t>(0, C, p.options());
   });
   return {dg, dp, dscale};
 }
