@@ -6,6 +6,7 @@ process dies halfway.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import DiskFullError
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,6 +32,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-space error (pyarrow's OSErrors carry no errno, only text)."""
+    return isinstance(exc, OSError) and (
+        exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+    )
+
+
+def disk_full(path: Path) -> DiskFullError:
+    """The one-line error for a write to `path` that ran out of space."""
+    return DiskFullError(
+        f"no space left on the device while writing {path}; nothing was lost (the previous "
+        f"{path.name}, if any, and everything written before it are intact): free some space "
+        "and run the command again"
+    )
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it over `path`.
@@ -38,7 +57,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise (disk_full(path) if is_disk_full(exc) else exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -47,6 +69,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            # The rename never happened, so the previous file (if any) is untouched.
+            raise disk_full(path) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

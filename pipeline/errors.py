@@ -27,3 +27,7 @@ class ConfigError(AnoleError):
 
 class StoreError(AnoleError):
     """The store is unreadable, damaged, or lacks a requested domain."""
+
+
+class DiskFullError(AnoleError):
+    """A write ran out of disk space; what was on disk before it is intact."""
