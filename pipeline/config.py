@@ -9,18 +9,130 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
+import math
+import operator
 import textwrap
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
 LEARNERS = ("protonet", "reptile", "fomaml", "maml")
 DEFAULT_LEARNER = "protonet"
+SAMPLINGS = ("within", "unstructured")
+
+
+# --- value rules ------------------------------------------------------------------------------
+# Every field declares the values it accepts once, with `knob(default, rule)`. The check at
+# construction, its error message and the "range:" line of `anole train --help-config` are all
+# derived from that rule, so the documentation cannot drift from the check.
+
+
+class Rule(Protocol):
+    def accepts(self, value: Any, kind: type) -> bool:
+        """Whether `value` is allowed for a field annotated `kind`."""
+        ...
+
+    def describe(self, kind: type) -> str:
+        """The allowed values, completing "must be ..."."""
+        ...
+
+
+_BOUNDS: tuple[tuple[str, str, Callable[[Any, Any], bool]], ...] = (
+    ("gt", ">", operator.gt), ("ge", ">=", operator.ge),
+    ("lt", "<", operator.lt), ("le", "<=", operator.le),
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers within the given bounds (None: unbounded on that side); never nan or inf."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def _bounds(self) -> list[tuple[str, Callable[[Any, Any], bool], float]]:
+        return [(sym, op, b) for name, sym, op in _BOUNDS if (b := getattr(self, name)) is not None]
+
+    def accepts(self, value: Any, kind: type) -> bool:
+        # bool is an int subclass but never a count; an int field takes only ints.
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return all(op(value, bound) for _, op, bound in self._bounds())
+
+    def describe(self, kind: type) -> str:
+        noun = "an integer" if kind is int else "a finite number"
+        return f"{noun} " + " and ".join(f"{sym} {shown(b)}" for sym, _, b in self._bounds())
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values."""
+
+    choices: tuple[Any, ...]
+
+    def accepts(self, value: Any, kind: type) -> bool:
+        # compare types too: True == 1, but True is not a channel count
+        return any(type(value) is type(c) and value == c for c in self.choices)
+
+    def describe(self, kind: type) -> str:
+        *rest, last = [str(c) for c in self.choices]
+        return f"{', '.join(rest)} or {last}" if rest else last
+
+
+@dataclass(frozen=True)
+class _Flag:
+    def accepts(self, value: Any, kind: type) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self, kind: type) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class _Names:
+    def accepts(self, value: Any, kind: type) -> bool:
+        return isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)
+
+    def describe(self, kind: type) -> str:
+        return "a list of domain names (comma-separated in --set)"
+
+
+FLAG, NAMES = _Flag(), _Names()
+SEED = Range(ge=0, le=2**32 - 1)  # numpy's SeedSequence needs >= 0; the task sampler's seeds are 32-bit
+
+
+def knob(default: Any, rule: Rule) -> Any:
+    """A config field: its default and the rule every value of it must follow."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def shown(value: Any) -> str:
+    """A value as a user typed it: -1 rather than -1.0, quotes around strings."""
+    text = repr(value)
+    return text.removesuffix(".0") if isinstance(value, float) else text
+
+
+def check_values(checks: Iterable[tuple[str, Any, Rule]]) -> None:
+    """Raise ConfigError for the first (label, value, rule) whose value the rule refuses.
+
+    For arguments outside a config (command-line flags): the message names the label, the
+    value given and the allowed range, e.g. "--episodes 0: must be an integer >= 1".
+    """
+    for label, value, rule in checks:
+        kind = int if isinstance(value, int) and not isinstance(value, bool) else float
+        if not rule.accepts(value, kind):
+            raise ConfigError(f"{label} {shown(value)}: must be {rule.describe(kind)}")
 
 
 @dataclass(frozen=True)
@@ -28,158 +140,135 @@ class TrainConfig:
     """A meta-training run: data, episodes, learner, optimisation, evaluation and bookkeeping."""
 
     # --- learner -------------------------------------------------------------
-    learner: str = DEFAULT_LEARNER
+    learner: str = knob(DEFAULT_LEARNER, OneOf(LEARNERS))
     """Meta-learner: one of protonet, reptile, fomaml (first-order MAML), maml (second-order)."""
-    inner_lr: float = 0.4
+    inner_lr: float = knob(0.4, Range(gt=0))
     """Fast (inner-loop) learning rate for the MAML family and Reptile."""
-    inner_steps: int = 1
+    inner_steps: int = knob(1, Range(ge=0))
     """Inner-loop adaptation steps per task during meta-training."""
-    inner_optimizer: str = "sgd"
+    inner_optimizer: str = knob("sgd", OneOf(("sgd", "adam")))
     """Inner-loop optimiser for Reptile: sgd or adam (MAML variants always use SGD)."""
-    inner_batches: int = 1
+    inner_batches: int = knob(1, Range(ge=1))
     """Reptile: class-balanced minibatches of each task's images, one per inner step in turn
     (2 with 1 shot + 1 query alternates support and query sets); 1 is full-batch."""
-    eval_inner_steps: int = 3
+    eval_inner_steps: int = knob(3, Range(ge=0))
     """Fine-tuning steps on the support set at evaluation (MAML family and Reptile)."""
-    zero_head: bool = False
+    zero_head: bool = knob(False, FLAG)
     """MAML family and Reptile: start every task's adaptation from a zero linear head (Kao et al.
     2022's zeroing trick) instead of a meta-learned one."""
-    temperature: float = 1.0
+    temperature: float = knob(1.0, Range(gt=0))
     """ProtoNets: logits are -squared distance / temperature."""
-    refine_steps: int = 0
+    refine_steps: int = knob(0, Range(ge=0))
     """ProtoNets at evaluation: soft k-means steps refining the prototypes with the query
     embeddings (Ren et al. 2018). Transductive, so applied only under bn_mode=transductive;
     0 keeps the support means."""
-    eval_views: int = 1
+    eval_views: int = knob(1, Range(ge=1))
     """Test-time augmentation when a checkpoint is scored (`anole evaluate`, the flows):
     log-probabilities averaged over this many views of each episode (the episode itself, plus
     random affine copies of its support and query images within the augment_* limits). 1
     disables. Validation during training, which only ranks checkpoints, uses one view."""
-    bn_mode: str = "transductive"
+    bn_mode: str = knob("transductive", OneOf(("transductive", "per_image", "support")))
     """BatchNorm statistics at evaluation: transductive (whole query set), per_image, or support."""
 
     # --- episodes ------------------------------------------------------------
-    ways: int = 5
+    ways: int = knob(5, Range(ge=2))
     """Classes per training episode (N in N-way)."""
-    shots: int = 1
+    shots: int = knob(1, Range(ge=1))
     """Support images per class in training episodes (K in K-shot)."""
-    queries: int = 5
+    queries: int = knob(5, Range(ge=1))
     """Query images per class in training episodes."""
-    meta_batch: int = 32
+    meta_batch: int = knob(32, Range(ge=1))
     """Episodes (tasks) per meta-update."""
-    sampling: str = "unstructured"
+    sampling: str = knob("unstructured", OneOf(SAMPLINGS))
     """How a training episode picks classes: within (one domain) or unstructured (any domain)."""
-    rotations: bool = True
+    rotations: bool = knob(True, FLAG)
     """Add 90/180/270-degree rotated copies of every class as new classes."""
-    augment_rotate_deg: float = 0.0
+    augment_rotate_deg: float = knob(0.0, Range(ge=0, le=180))
     """Max random rotation (degrees) of each support/query image; 0 disables."""
-    augment_translate: float = 0.0
+    augment_translate: float = knob(0.0, Range(ge=0, lt=1))
     """Max random translation as a fraction of the image side; 0 disables."""
-    augment_scale: float = 0.0
+    augment_scale: float = knob(0.0, Range(ge=0, lt=1))
     """Max random relative zoom (0.1 = 0.9x to 1.1x); 0 disables."""
-    augment_shear: float = 0.0
+    augment_shear: float = knob(0.0, Range(ge=0, le=1))
     """Max random horizontal shear, a slant (0.3: x moves by up to 0.3 y); 0 disables."""
 
     # --- data ----------------------------------------------------------------
-    image_size: int = 28
+    image_size: int = knob(28, Range(ge=16))
     """Side of the square images fed to the network."""
-    channels: int = 1
+    channels: int = knob(1, OneOf((1, 3)))
     """Image channels: 1 for Omniglot, 3 for RGB domains."""
-    invert: bool = True
+    invert: bool = knob(True, FLAG)
     """Invert intensities so strokes are 1 (Omniglot convention)."""
-    domains: tuple[str, ...] = ()
+    domains: tuple[str, ...] = knob((), NAMES)
     """Domains to use from the store; empty means all current domains."""
-    val_domains: int = 1
+    val_domains: int = knob(1, Range(ge=0))
     """How many domains to hold out for validation (never trained on)."""
-    test_domains: int = 1
+    test_domains: int = knob(1, Range(ge=0))
     """How many domains to hold out for testing (never trained on nor validated on)."""
-    split_seed: int = 0
+    split_seed: int = knob(0, SEED)
     """Seed of the domain-level train/val/test split."""
 
     # --- model ---------------------------------------------------------------
-    hidden: int = 64
+    hidden: int = knob(64, Range(ge=1))
     """Channels of each conv4 block."""
 
     # --- optimisation --------------------------------------------------------
-    meta_optimizer: str = "adam"
+    meta_optimizer: str = knob("adam", OneOf(("adam", "sgd")))
     """Outer (meta) optimiser: adam or sgd. Reptile's is set by reptile_outer."""
-    meta_lr: float = 1e-3
+    meta_lr: float = knob(1e-3, Range(gt=0))
     """Outer (meta) learning rate for adam/sgd."""
-    reptile_outer: str = "anneal"
+    reptile_outer: str = knob("anneal", OneOf(("anneal", "adam")))
     """Reptile's meta-update of the mean (phi - theta) over tasks: anneal (plain steps with the
     linearly annealed meta step of Nichol et al.) or adam (Adam with meta_lr and lr_schedule:
     step sizes that do not depend on how far the inner loop moved)."""
-    meta_step_start: float = 1.0
+    meta_step_start: float = knob(1.0, Range(gt=0, le=1))
     """Reptile: meta step size at the first step (linearly annealed, Nichol et al.)."""
-    meta_step_end: float = 0.0
+    meta_step_end: float = knob(0.0, Range(ge=0, le=1))
     """Reptile: meta step size at the last step."""
-    lr_schedule: str = "cosine"
+    lr_schedule: str = knob("cosine", OneOf(("constant", "cosine")))
     """Outer learning-rate schedule for adam/sgd: constant or cosine."""
-    steps: int = 1000
+    steps: int = knob(1000, Range(ge=1))
     """Meta-updates in the run (a time budget, when given, replaces it)."""
-    minutes: float = 0.0
+    minutes: float = knob(0.0, Range(ge=0))
     """Time budget in minutes; > 0 sets `steps` from the throughput measured at the start."""
-    budget_clock: str = "wall"
+    budget_clock: str = knob("wall", OneOf(("wall", "cpu")))
     """Clock of the time budget: wall (elapsed time) or cpu (this process's CPU time divided by
     its torch threads: a fair budget on a machine shared with other work)."""
-    seed: int = 0
+    seed: int = knob(0, SEED)
     """Seed for episodes, augmentation and initialisation: same seed, same run."""
-    num_threads: int = 0
+    num_threads: int = knob(0, Range(ge=0))
     """torch CPU threads; 0 lets torch decide."""
-    precision: str = "auto"
+    precision: str = knob("auto", OneOf(("auto", "float32", "bfloat16")))
     """Convolution arithmetic: float32, bfloat16 (mixed precision: bfloat16 convolutions and
     activations, float32 parameters, statistics and loss), or auto (bfloat16 where the device
     has native bfloat16 matrix units: CPUs with AMX or AVX512-BF16, CUDA GPUs from Ampere on)."""
 
     # --- evaluation and bookkeeping -------------------------------------------
-    val_every: int = 100
+    val_every: int = knob(100, Range(ge=1))
     """Meta-updates between validation runs (and best-checkpoint checks)."""
-    val_episodes: int = 200
+    val_episodes: int = knob(200, Range(ge=1))
     """Episodes per validation run."""
-    val_ways: int = 20
+    val_ways: int = knob(20, Range(ge=2))
     """Ways of validation episodes (20 matches Lake's one-shot protocol)."""
-    val_shots: int = 1
+    val_shots: int = knob(1, Range(ge=1))
     """Shots of validation episodes."""
-    val_sampling: str = "within"
+    val_sampling: str = knob("within", OneOf(SAMPLINGS))
     """Class sampling of validation and test episodes: within or unstructured."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = knob(100, Range(ge=1))
     """Meta-updates between checkpoints."""
-    keep_last: int = 3
+    keep_last: int = knob(3, Range(ge=1))
     """How many recent checkpoints to keep (the best one is kept as well)."""
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.learner in LEARNERS, "learner", f"one of {', '.join(LEARNERS)}"),
-            (self.inner_optimizer in ("sgd", "adam"), "inner_optimizer", "sgd or adam"),
-            (self.meta_optimizer in ("sgd", "adam"), "meta_optimizer", "sgd or adam"),
-            (self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine"),
-            (self.reptile_outer in ("anneal", "adam"), "reptile_outer", "anneal or adam"),
-            (self.sampling in ("within", "unstructured"), "sampling", "within or unstructured"),
-            (self.budget_clock in ("wall", "cpu"), "budget_clock", "wall or cpu"),
-            (self.precision in ("auto", "float32", "bfloat16"), "precision",
-             "auto, float32 or bfloat16"),
-            (self.val_sampling in ("within", "unstructured"), "val_sampling", "within or unstructured"),
-            (self.bn_mode in ("transductive", "per_image", "support"), "bn_mode",
-             "transductive, per_image or support"),
-            (self.ways >= 2, "ways", "at least 2"),
-            (self.shots >= 1, "shots", "at least 1"),
-            (self.queries >= 1, "queries", "at least 1"),
-            (self.meta_batch >= 1, "meta_batch", "at least 1"),
-            (self.inner_batches >= 1, "inner_batches", "at least 1"),
-            (self.eval_views >= 1, "eval_views", "at least 1"),
-            (self.refine_steps >= 0, "refine_steps", ">= 0"),
-            (self.steps >= 1, "steps", "at least 1"),
-            (self.minutes >= 0, "minutes", ">= 0"),
-            (self.inner_steps >= 0, "inner_steps", ">= 0"),
-            (self.image_size >= 8, "image_size", "at least 8"),
-            (self.channels in (1, 3), "channels", "1 or 3"),
-            (self.val_every >= 1, "val_every", "at least 1"),
-            (self.checkpoint_every >= 1, "checkpoint_every", "at least 1"),
-            (self.keep_last >= 1, "keep_last", "at least 1"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: must be {expected}")
+        kinds = _kinds()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            rule: Rule = f.metadata["rule"]
+            if not rule.accepts(value, kinds[f.name]):
+                raise ConfigError(
+                    f"config field '{f.name}' = {shown(value)}: must be "
+                    f"{rule.describe(kinds[f.name])} (`anole train --help-config` lists every range)"
+                )
 
     # --- (de)serialisation -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -198,9 +287,14 @@ class TrainConfig:
                 f"{source}: unknown config field(s) {unknown}; run `anole train --help-config` "
                 "for the list"
             )
-        hints = typing.get_type_hints(cls)
-        values = {k: _coerce(v, hints[k], k, source) for k, v in data.items()}
-        return cls(**values)
+        hints = _kinds()
+        values = {
+            k: _coerce(v, hints[k], k, source, fields[k].metadata["rule"]) for k, v in data.items()
+        }
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -233,8 +327,21 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+@functools.cache
+def _kinds() -> dict[str, Any]:
+    """Each field's annotated type (resolved once: the annotations are strings)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_ranges() -> dict[str, str]:
+    """Each field's allowed values, in words, from its rule."""
+    kinds = _kinds()
+    return {f.name: f.metadata["rule"].describe(kinds[f.name]) for f in dataclasses.fields(TrainConfig)}
+
+
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """Each field's docstring, read from the source (Python drops attribute docstrings)."""
+    """Each field's docstring, read from the source (Python drops attribute docstrings), then a
+    "range:" line derived from the field's rule (for TrainConfig)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -247,6 +354,9 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
             and isinstance(nxt.value.value, str)
         ):
             docs[node.target.id] = nxt.value.value
+    if cls is TrainConfig:
+        # continuation lines keep the source's 4-space indent, so --help-config aligns them
+        docs = {name: f"{doc}\n    range: {field_ranges()[name]}" for name, doc in docs.items()}
     return docs
 
 
@@ -254,7 +364,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+def _coerce(value: Any, hint: Any, name: str, source: str, rule: Rule) -> Any:
     """Convert a YAML or command-line value to the field's declared type."""
     origin = typing.get_origin(hint)
     try:
@@ -266,10 +376,13 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
                 return text in _TRUE
             raise ValueError(value)
         if hint is int:
-            if isinstance(value, bool):
+            # int(2.5) would silently truncate a YAML 2.5; int(inf) overflows
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if hint is str:
             return str(value)
@@ -279,11 +392,11 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             return tuple(str(v).strip() for v in value)
         if origin in (types.UnionType, typing.Union):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
-    raise ConfigError(f"{source}: config field '{name}' = {value!r} is not a valid {hint}")
+    raise ConfigError(f"{source}: config field '{name}' = {value!r}: must be {rule.describe(hint)}")
 
 
 # Tuned settings per learner, used when a learner is chosen without a config file. Each was
@@ -331,4 +444,7 @@ def config_for(learner: str | None, path: str | Path | None = None,
     return TrainConfig.load(path, overrides, base=base, **fields)
 
 
-__all__ = ["TrainConfig", "LEARNERS", "DEFAULT_LEARNER", "config_for", "field_docs"]
+__all__ = [
+    "TrainConfig", "LEARNERS", "DEFAULT_LEARNER", "config_for", "field_docs", "field_ranges",
+    "Range", "OneOf", "check_values", "shown",
+]
