@@ -45,8 +45,16 @@ def _emit(as_json: bool, payload: Any, human: str | None = None) -> None:
         typer.echo(human)
 
 
+def _tagged(tag: str, style: str, message: str) -> None:
+    """Print `tag: message` on stderr as one line. The message is plain text, never markup:
+    a `[/x]` or `:smile:` in a file, domain or path name prints as typed."""
+    from rich.text import Text
+
+    _console().print(Text.assemble((f"{tag}:", style), " ", message), soft_wrap=True)
+
+
 def _fail(message: str) -> None:
-    _console().print(f"[bold red]error:[/] {message}")
+    _tagged("error", "bold red", message)
     raise typer.Exit(2)
 
 
@@ -76,7 +84,10 @@ class _Progress:
                 console=_console(), transient=False,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=None, info="")
+            from rich.markup import escape
+
+            # the description holds user names (`ingest <source>`): text, not markup
+            self._task = self._bar.add_task(escape(self.description), total=None, info="")
         return self
 
     def __call__(self, done: int, total: int, info: dict[str, float] | None = None) -> None:
@@ -129,7 +140,7 @@ def ingest(
         _emit(True, payload)
         return
     for w in payload.get("warnings", []):
-        _console().print(f"[yellow]warning:[/] {w}")
+        _tagged("warning", "yellow", w)
     for d in payload.get("domains", []):
         typer.echo(
             f"{d['name']:<40} {d['outcome']:<12} {d['num_classes']:>5} classes {d['num_images']:>7} images"
@@ -173,6 +184,17 @@ def sample(
     as_json: JsonOpt = False,
 ) -> None:
     """Sample a reproducible pool of N-way K-shot episode specs into Parquet."""
+    from pipeline.config import SAMPLINGS, OneOf, Range, check_values, rule_of
+
+    # before the store is read (and its decoded-image cache written)
+    check_values([
+        ("--ways", ways, rule_of("ways")),
+        ("--shots", shots, rule_of("shots")),
+        ("--queries", queries, rule_of("queries")),
+        ("--episodes", episodes, Range(ge=1, lt=2**31)),  # task ids hold the position in 31 bits
+        ("--seed", seed, rule_of("seed")),
+        ("--mode", mode, OneOf(SAMPLINGS)),
+    ])
     from pipeline.store import Store
     from pipeline.tasks import EpisodeSampler
 
@@ -207,27 +229,36 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Score a checkpoint or a baseline on Lake's one-shot runs and/or held-out alphabets."""
-    from pipeline import scoring
+    from pipeline.config import check_values, rule_of
 
     if not runs and ways is None:
         _fail("give --runs DIR (one-shot runs) and/or --ways N with --checkpoint (held-out alphabets)")
+    if checkpoint is None and ways is not None:
+        _fail("--ways needs --checkpoint: held-out accuracy scores a trained model")
+    # every flag before any file is read; each has the range of the config field it stands for
+    check_values([
+        ("--ways", ways, rule_of("val_ways")),
+        ("--shots", shots, rule_of("val_shots")),
+        ("--queries", queries, rule_of("queries")),
+        ("--episodes", episodes, rule_of("val_episodes")),
+        ("--views", views, rule_of("eval_views")),
+        ("--refine-steps", refine_steps, rule_of("refine_steps")),
+        ("--bn-mode", bn_mode, rule_of("bn_mode")),
+        ("--seed", seed, rule_of("seed")),
+    ])
+    from pipeline import scoring
+
     result: dict[str, Any] = {}
     run_dirs = scoring.find_runs(runs or [])
     if checkpoint is None:
-        if ways is not None:
-            _fail("--ways needs --checkpoint: held-out accuracy scores a trained model")
         scores = scoring.score_baseline(run_dirs, baseline)
         result["oneshot"] = scores.to_dict()
         _emit(as_json, result, scores.table())
         return
     model = scoring.load_model(checkpoint)
     if views is not None:
-        if views < 1:
-            _fail(f"--views {views}: must be at least 1 (1 scores each episode as it is)")
         model.config = model.config.replace(eval_views=views)
     if refine_steps is not None:
-        if refine_steps < 0:
-            _fail(f"--refine-steps {refine_steps}: must be 0 (plain prototypes) or more")
         model.config = model.config.replace(refine_steps=refine_steps)
     result["views"] = model.config.eval_views
     if model.config.learner == "protonet":
@@ -328,9 +359,10 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """The main job as a Prefect flow: ingest Omniglot, train, evaluate, promote; then a new alphabet arrives and is learned."""
-    _offline_env()
-    from flows.mainjob import run_main_job
+    from flows.mainjob import check_args, run_main_job
 
+    check_args(out, minutes=minutes, learner=learner, workers=workers)  # before any work
+    _offline_env()
     with _Progress("anole run", enabled=not as_json) as bar:
         summary = run_main_job(out, minutes=minutes, learner=learner, progress=bar,
                                log=None if as_json else typer.echo, workers=workers)
@@ -353,6 +385,15 @@ def serve(
     oneshot: Annotated[bool, typer.Option(help="Score Lake's one-shot runs in each evaluation.")] = True,
 ) -> None:
     """Serve the retrain deployment (nightly cron + anole.domain.arrived trigger) and on-demand pipeline/ingest deployments."""
+    from pipeline.config import Range, check_values
+
+    check_values([  # before a server is started or the workspace made
+        ("--debounce", debounce, Range(ge=0)),
+        ("--minutes", minutes, Range(gt=0)),
+        ("--steps", steps, Range(ge=1)),
+        ("--workers", workers, Range(ge=0)),
+        ("--port", port, Range(ge=1, le=65535)),
+    ])
     _offline_env()
     from contextlib import nullcontext
 

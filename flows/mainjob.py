@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline import settings
 from pipeline.atomic import atomic_write_json
+from pipeline.config import LEARNERS, OneOf, Range, check_values
 from pipeline.errors import AnoleError
 
 
@@ -36,6 +37,19 @@ def omniglot_sources(download_root: Path) -> list[Path]:
             f"(torchvision's download failed: {exc})"
         ) from exc
     return [download_root / "omniglot-py" / "images_background"]
+
+
+def check_args(out: Path, *, minutes: float, learner: str | None, workers: int | None) -> None:
+    """Refuse bad arguments of the main job before any work (no workspace, no Prefect server,
+    no ingestion), each named with the value given."""
+    check_values([
+        ("--minutes", minutes, Range(gt=0)),
+        ("--learner", learner, OneOf(LEARNERS)),
+        ("--workers", workers, Range(ge=0)),
+    ])
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise AnoleError(f"--out {out} is a file: give a folder for the workspace")
 
 
 def default_workers() -> int:
@@ -69,6 +83,8 @@ def run_main_job(
     Re-running with the same `out` reuses everything already done: cached ingestion and task
     pools, finished training runs (a crashed one resumes from its checkpoint), the champion.
     """
+    check_args(out, minutes=minutes, learner=learner, workers=workers)
+
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     from .flows import main_job

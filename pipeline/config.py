@@ -127,9 +127,12 @@ def check_values(checks: Iterable[tuple[str, Any, Rule]]) -> None:
     """Raise ConfigError for the first (label, value, rule) whose value the rule refuses.
 
     For arguments outside a config (command-line flags): the message names the label, the
-    value given and the allowed range, e.g. "--episodes 0: must be an integer >= 1".
+    value given and the allowed range, e.g. "--episodes 0: must be an integer >= 1". A None
+    value (an optional argument not given) is skipped.
     """
     for label, value, rule in checks:
+        if value is None:
+            continue
         kind = int if isinstance(value, int) and not isinstance(value, bool) else float
         if not rule.accepts(value, kind):
             raise ConfigError(f"{label} {shown(value)}: must be {rule.describe(kind)}")
@@ -333,6 +336,11 @@ def _kinds() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+def rule_of(name: str) -> Rule:
+    """The rule of config field `name`: for arguments that mean the same as that field."""
+    return TrainConfig.__dataclass_fields__[name].metadata["rule"]
+
+
 def field_ranges() -> dict[str, str]:
     """Each field's allowed values, in words, from its rule."""
     kinds = _kinds()
@@ -446,5 +454,5 @@ def config_for(learner: str | None, path: str | Path | None = None,
 
 __all__ = [
     "TrainConfig", "LEARNERS", "DEFAULT_LEARNER", "config_for", "field_docs", "field_ranges",
-    "Range", "OneOf", "check_values", "shown",
+    "Range", "OneOf", "check_values", "rule_of", "shown",
 ]
