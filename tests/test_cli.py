@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def anole(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -88,3 +92,81 @@ def test_train_then_evaluate_checkpoint(tmp_path, omniglot_store, oneshot_runs, 
 def test_train_help_config_lists_fields():
     out = anole("train", "--help-config").stdout
     assert "inner_lr" in out and "Fast (inner-loop) learning rate" in out
+    # every field's range, from the same rule the config checks
+    assert "Fast (inner-loop) learning rate for the MAML family and Reptile.\n    range: a finite number > 0" in out
+    fields = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(fields) > 40 and out.count("\n    range: ") == len(fields)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path under `root` with a hash of its content: to show that nothing changed."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+# Bad arguments: (command line, what its one error line says). Each is refused before any work.
+BAD_ARGS = [
+    (["run", "--minutes", "-1"], "--minutes -1: must be a finite number > 0"),
+    (["run", "--minutes", "nan"], "--minutes nan: must be a finite number > 0"),
+    (["run", "--minutes", "0"], "--minutes 0: must be a finite number > 0"),
+    (["run", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, fomaml or maml"),
+    (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--episodes", "0"],
+     "--episodes 0: must be an integer >= 1"),
+    (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--queries", "0"],
+     "--queries 0: must be an integer >= 1"),
+    (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--shots", "0"],
+     "--shots 0: must be an integer >= 1"),
+    (["evaluate", "--checkpoint", "c.pt", "--ways", "1"], "--ways 1: must be an integer >= 2"),
+    (["evaluate", "--checkpoint", "c.pt", "--ways", "-5"], "--ways -5: must be an integer >= 2"),
+    (["evaluate", "--runs", "r", "--views", "0"], "--views 0: must be an integer >= 1"),
+    (["evaluate", "--runs", "r", "--bn-mode", "batch"], "--bn-mode 'batch': must be transductive"),
+    (["sample", "--out", "p.parquet", "--ways", "1"], "--ways 1: must be an integer >= 2"),
+    (["sample", "--out", "p.parquet", "--shots", "0"], "--shots 0: must be an integer >= 1"),
+    (["sample", "--out", "p.parquet", "--queries", "0"], "--queries 0: must be an integer >= 1"),
+    (["sample", "--out", "p.parquet", "--episodes", "0"], "--episodes 0: must be an integer >= 1"),
+    (["sample", "--out", "p.parquet", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
+    (["serve", "--port", "70000"], "--port 70000: must be an integer >= 1 and <= 65535"),
+    (["serve", "--debounce", "-1"], "--debounce -1: must be a finite number >= 0"),
+    (["train", "--set", "meta_lr=nan"], "config field 'meta_lr' = nan: must be a finite number > 0"),
+    (["train", "--set", "hidden=0"], "config field 'hidden' = 0: must be an integer >= 1"),
+    # names holding rich markup print as typed, not as a MarkupError traceback
+    (["train", "--config", "c[/x].yaml"], "config file c[/x].yaml does not exist"),
+    (["ingest", "src[/x]"], "src[/x]"),
+    (["ingest", "src", "--domain", "d[/x]"], "domain='d[/x]'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_argument_is_one_line_and_changes_nothing(tmp_path, args, message):
+    (tmp_path / "src").mkdir()  # an existing, empty source folder for the ingest cases
+    before = _tree(tmp_path)
+    env = {"ANOLE_HOME": str(tmp_path / "store"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "COLUMNS": "40"}  # a narrow terminal must not wrap the line either
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    # no workspace, store, pool or Prefect home was made
+    assert _tree(tmp_path) == before
+
+
+def test_names_with_markup_print_as_typed(tmp_path):
+    # A warning and the progress bar show source and class names verbatim: rich would read
+    # "[red]" as a style and drop it from the line.
+    from PIL import Image
+
+    for cls in ("c1", "c[red]2"):
+        (tmp_path / "src[red]" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 60 * i + (cls == "c1") * 20).save(tmp_path / "src[red]" / cls / f"{i}.png")
+    (tmp_path / "src[red]" / "c[red]2" / "bad.png").write_bytes(b"not an image")
+    proc = anole("ingest", str(tmp_path / "src[red]"), "--domain", "d", "--skip-invalid",
+                 "--store", str(tmp_path / "store"), env={"ANOLE_PROGRESS": "1"})
+    assert "ingest src[red]" in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("c[red]2/bad.png" in line for line in warnings), proc.stderr
