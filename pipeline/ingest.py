@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import re
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 
 from pipeline.errors import IngestError, LayoutError
-
-logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """`progress(done, total)`: called as files are checked, so a CLI can draw a bar."""
@@ -39,14 +37,26 @@ Progress = Callable[[int, int], None]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 """Bigger files are refused: no few-shot image is this large, and zip bombs are."""
+MAX_INGEST_BYTES = 2 * 1024**3
+"""Default cap on the bytes of image files one ingest reads (2 GiB); `ANOLE_MAX_INGEST_BYTES`
+overrides it. Files are streamed, so this bounds the store's growth, not the ingest's memory."""
+MAX_INGEST_BYTES_ENV = "ANOLE_MAX_INGEST_BYTES"
 MAX_LISTED = 20
 """How many offending files an error message names before summarising the rest."""
+MAX_REPORTED_WARNINGS = 1000
+"""An `IngestReport` keeps this many warnings verbatim and only counts the rest."""
+WRITE_BATCH_BYTES = 32 * 1024 * 1024
+"""Images are read back from the source for writing in batches of about this many bytes."""
 MAX_FOLDER_DEPTH = 32
 """Folder sources are not walked deeper than this (guards pathological symlink graphs)."""
 
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _OMNIGLOT_CLASS = re.compile(r"character\d+")
-_BAD_NAME_CHARS = re.compile(r"[/\\=\x00-\x1f\x7f]")
+_BAD_NAME_CHARS = re.compile(r"[/\\=]")
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Controls (newline, ESC), format characters (bidi overrides, zero-width), lone surrogates
+(undecodable file names) and line/paragraph separators: they rewrite a terminal or a log."""
+_SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 LAYOUT_HELP = (
     "anole accepts two layouts (a single wrapper folder around either is fine):\n"
@@ -70,6 +80,8 @@ SCHEMA = pa.schema(
     ]
 )
 """Row schema of the store's Parquet files (see docs/design.md)."""
+ROW_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "image"])
+"""`SCHEMA` without the image bytes: what a scan keeps in memory."""
 
 
 # --------------------------------------------------------------------------- public results
@@ -106,9 +118,12 @@ class IngestReport:
     """"omniglot" or "generic"."""
     domains: tuple[DomainOutcome, ...]
     warnings: tuple[str, ...] = ()
+    """The first `MAX_REPORTED_WARNINGS` warnings, in the order they arose."""
     files_seen: int = 0
     """Candidate image files found in the source (before duplicates and skips)."""
     seconds: float = 0.0
+    more_warnings: int = 0
+    """Warnings beyond those in `warnings`, counted but not kept."""
 
     @property
     def changed(self) -> bool:
@@ -138,6 +153,18 @@ class IngestReport:
                 return d.outcome
         raise KeyError(f"domain {name!r} is not in this report: {[d.name for d in self.domains]}")
 
+    def warning_lines(self, limit: int = MAX_LISTED) -> list[str]:
+        """The first `limit` warnings, then one line summing up the rest: what a terminal or a
+        log should show (a source with 100k bad files would otherwise print 100k lines)."""
+        lines = list(self.warnings[:limit])
+        rest = len(self.warnings) + self.more_warnings - len(lines)
+        if rest > 0:
+            lines.append(
+                f"... and {rest} more warning(s) ({self.skipped} invalid file(s) skipped in all); "
+                f"the JSON report (--json) lists the first {len(self.warnings)}"
+            )
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (for `anole ingest --json`)."""
         return {
@@ -153,20 +180,27 @@ class IngestReport:
             "seconds": round(self.seconds, 3),
             "domains": [d.to_dict() for d in self.domains],
             "warnings": list(self.warnings),
+            "more_warnings": self.more_warnings,
         }
 
 
 @dataclass
 class ScannedDomain:
-    """One domain's rows as the source has them now, ready to compare and store."""
+    """One domain's rows as the source has them now, ready to compare and store.
+
+    It holds no image bytes (a source may be far larger than memory):
+    `ScannedSource.tables` reads them back from the source, one batch at a time.
+    """
 
     name: str
     table: pa.Table
-    """Rows in `SCHEMA`, ordered by (class, source_path)."""
+    """Rows in `ROW_SCHEMA` (`SCHEMA` without the image), ordered by (class, source_path)."""
     content_hash: str
     num_classes: int
     duplicates: int = 0
     skipped: int = 0
+    entries: list[_Entry] = field(default_factory=list, repr=False)
+    """Where each row's file is in the source, in the order of `table`."""
 
     @property
     def num_images(self) -> int:
@@ -182,6 +216,41 @@ class ScannedSource:
     domains: list[ScannedDomain]
     warnings: list[str] = field(default_factory=list)
     files_seen: int = 0
+    more_warnings: int = 0
+    """Warnings beyond `MAX_REPORTED_WARNINGS`, counted but not kept."""
+
+    def tables(self, domain: ScannedDomain, batch_bytes: int | None = None) -> Iterator[pa.Table]:
+        """`domain`'s rows in `SCHEMA`, images included, in slices of about `batch_bytes`
+        (default `WRITE_BATCH_BYTES`) read back from the source one file at a time.
+
+        Raises IngestError when a file no longer has the bytes the scan checked (the source
+        changed meanwhile), so what is stored is exactly what was validated.
+        """
+        limit = WRITE_BATCH_BYTES if batch_bytes is None else batch_bytes
+        digests = domain.table.column("sha256").to_pylist()
+        with _open_source(Path(self.source)) as src:
+            start, blobs, size = 0, [], 0
+            for i, entry in enumerate(domain.entries):
+                try:
+                    data = src.read(entry)
+                except Exception as e:  # vanished, truncated, replaced: all the same to us
+                    raise _changed(self.source, entry, _reason(e)) from None
+                if hashlib.sha256(data).hexdigest() != digests[i]:
+                    raise _changed(self.source, entry, "its content differs")
+                blobs.append(data)
+                size += len(data)
+                del data
+                if size >= limit or i + 1 == len(domain.entries):
+                    rows = domain.table.slice(start, len(blobs))
+                    yield rows.append_column(SCHEMA.field("image"), pa.array(blobs, pa.binary()))
+                    start, blobs, size = i + 1, [], 0
+
+
+def _changed(source: str, entry: _Entry, why: str) -> IngestError:
+    return IngestError(
+        f"{entry.display} in {source} changed while it was being ingested ({why}); nothing was "
+        "ingested. Run the ingest again once the source is complete."
+    )
 
 
 # --------------------------------------------------------------------------- hashing helpers
@@ -206,8 +275,27 @@ def sample_id(domain: str, cls: str, digest: str) -> str:
     return hashlib.sha256(f"{domain}\x00{cls}\x00{digest}".encode()).hexdigest()[:16]
 
 
-def check_domain_name(name: str, *, subject: str | None = None) -> str:
-    """Return `name` if it can name a `domain=<name>` partition folder, else raise IngestError."""
+def has_control_chars(text: str) -> bool:
+    """Whether `text` holds a control or format character (see `_CONTROL_CATEGORIES`)."""
+    return any(unicodedata.category(ch) in _CONTROL_CATEGORIES for ch in text)
+
+
+def printable(text: str) -> str:
+    """`text` with its control and format characters escaped (`\\n`, `\\x1b`, `\\u202e`), so a
+    file name can never break a message into lines or restyle the terminal."""
+    if not has_control_chars(text):
+        return text
+    return "".join(
+        ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if unicodedata.category(ch) in _CONTROL_CATEGORIES
+        else ch
+        for ch in text
+    )
+
+
+def check_domain_name(name: str, *, subject: str | None = None, kind: str = "domain") -> str:
+    """Return `name` if it can name a domain (a `domain=<name>` partition folder) or, with
+    `kind="class"`, a class; else raise IngestError naming `subject` and the rule."""
     if (
         not name
         or name in {".", ".."}
@@ -215,14 +303,42 @@ def check_domain_name(name: str, *, subject: str | None = None) -> str:
         or name != name.strip()
         or len(name) > 200
         or _BAD_NAME_CHARS.search(name)
+        or has_control_chars(name)
     ):
-        subject = subject or f"domain name {name!r}"
+        subject = subject or f"{kind} name {name!r}"
+        what = "a store partition" if kind == "domain" else "a class"
+        alternative = " (or pass a valid domain=/--domain)" if kind == "domain" else ""
         raise IngestError(
-            f"{subject} cannot name a store partition: a domain name must be non-empty, "
-            "at most 200 characters, not start with '.' or a space, and contain no '/', '\\', "
-            "'=' or control characters. Rename it (or pass a valid domain=/--domain)."
+            f"{subject} cannot name {what}: a {kind} name must be non-empty, at most 200 "
+            "characters, not start with '.' or a space, and contain no '/', '\\', '=' or control "
+            "or format characters (Unicode Cc/Cf, e.g. newline or ESC); nothing was ingested. "
+            f"Rename it{alternative}."
         )
     return name
+
+
+def max_ingest_bytes() -> int:
+    """The total-bytes cap on one ingest: `$ANOLE_MAX_INGEST_BYTES` (bytes, or with a K/M/G/T
+    suffix in powers of 1024), else `MAX_INGEST_BYTES` (2 GiB)."""
+    raw = os.environ.get(MAX_INGEST_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_INGEST_BYTES
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", raw, re.IGNORECASE)
+    if m is None or int(m.group(1)) == 0:
+        raise IngestError(
+            f"{MAX_INGEST_BYTES_ENV}={raw!r} is not a positive size; set it to a number of bytes "
+            f"such as 4294967296 or 4G, or unset it for the default of {MAX_INGEST_BYTES:,} bytes."
+        )
+    return int(m.group(1)) * _SIZE_SUFFIXES[m.group(2).upper()]
+
+
+def _over_total(source: Path, seen: int, files: int, limit: int) -> IngestError:
+    return IngestError(
+        f"the image files of {source} add up to {seen:,} bytes (counting {files} file(s)), over "
+        f"the ingest limit of {limit:,} bytes; nothing was ingested. Raise the limit with "
+        f"{MAX_INGEST_BYTES_ENV}=<bytes> (default {MAX_INGEST_BYTES:,}; K/M/G suffixes allowed), "
+        "or ingest one domain at a time with --domain."
+    )
 
 
 # --------------------------------------------------------------------------- sources
@@ -235,12 +351,47 @@ class _Entry:
     parts: tuple[str, ...]
     """Path components relative to the source root."""
     display: str
-    """The path inside the source, as stored in `source_path` and named in messages."""
+    """The path inside the source, as stored in `source_path` and named in messages
+    (control characters escaped: see `printable`)."""
     ref: Any = None
     """Whatever the source needs to read the file (ZipInfo or filesystem path)."""
+    size: int = 0
+    """The file's size as the source lists it (a zip's header may lie; `read` checks)."""
 
 
-class _ZipSource:
+class _Source:
+    """What folder and zip sources share: reading one file within the per-file cap."""
+
+    path: Path
+    warnings: list[str]
+
+    def close(self) -> None:
+        pass
+
+    def listing(self) -> tuple[list[_Entry], list[_Entry]]:
+        """(files, folders) below the source root."""
+        raise NotImplementedError
+
+    def _open(self, entry: _Entry) -> IO[bytes]:
+        raise NotImplementedError
+
+    def read(self, entry: _Entry) -> bytes:
+        """The file's bytes; ValueError when it is over `MAX_IMAGE_BYTES`, whatever its listed
+        size says (never reads more than one byte past the cap)."""
+        if entry.size > MAX_IMAGE_BYTES:
+            raise ValueError(_over_file_cap(f"{entry.size} bytes"))
+        with self._open(entry) as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(_over_file_cap(f"more than {MAX_IMAGE_BYTES} bytes"))
+        return data
+
+
+def _over_file_cap(size: str) -> str:
+    return f"{size}, over the {MAX_IMAGE_BYTES}-byte limit for one image"
+
+
+class _ZipSource(_Source):
     """A .zip archive, read in place (never extracted)."""
 
     def __init__(self, path: Path):
@@ -268,18 +419,13 @@ class _ZipSource:
                 continue
             # Folders are often implicit in zips: record every parent of a file too.
             for i in range(1, len(parts) if not info.is_dir() else len(parts) + 1):
-                dirs.setdefault(parts[:i], _Entry(parts[:i], "/".join(parts[:i]) + "/"))
+                dirs.setdefault(parts[:i], _Entry(parts[:i], printable("/".join(parts[:i])) + "/"))
             if not info.is_dir():
-                files.append(_Entry(parts, name, info))
+                files.append(_Entry(parts, printable(name), info, info.file_size))
         return files, list(dirs.values())
 
-    def read(self, entry: _Entry) -> bytes:
-        info: zipfile.ZipInfo = entry.ref
-        if info.file_size > MAX_IMAGE_BYTES:
-            raise ValueError(
-                f"{info.file_size} bytes uncompressed, over the {MAX_IMAGE_BYTES} limit"
-            )
-        return self._zip.read(info)
+    def _open(self, entry: _Entry) -> IO[bytes]:
+        return self._zip.open(entry.ref)
 
 
 def _check_zip_entry(name: str, source: Path) -> None:
@@ -293,22 +439,21 @@ def _check_zip_entry(name: str, source: Path) -> None:
         )
 
 
-class _FolderSource:
-    """A folder, walked without following symlink loops."""
+class _FolderSource(_Source):
+    """A folder, walked without following symlink loops or links that leave it."""
 
     def __init__(self, path: Path):
         self.path = path
         self.warnings: list[str] = []
-
-    def close(self) -> None:
-        pass
+        self._root = os.path.realpath(path)
 
     def listing(self) -> tuple[list[_Entry], list[_Entry]]:
+        """(files, folders). Raises IngestError on a symlink whose target is outside the root."""
         files: list[_Entry] = []
         dirs: list[_Entry] = []
         # (folder on disk, parts below the root, real paths of it and its ancestors)
         stack: list[tuple[str, tuple[str, ...], frozenset[str]]] = [
-            (str(self.path), (), frozenset({os.path.realpath(self.path)}))
+            (str(self.path), (), frozenset({self._root}))
         ]
         while stack:
             folder, parts, ancestors = stack.pop()
@@ -325,9 +470,12 @@ class _FolderSource:
                 if _is_junk(sub):
                     continue
                 shown = self._show(sub)
+                if child.is_symlink():
+                    self._check_link(child.path, shown)
                 try:
                     is_dir = child.is_dir(follow_symlinks=True)
                     is_file = not is_dir and child.is_file(follow_symlinks=True)
+                    size = child.stat(follow_symlinks=True).st_size if is_file else 0
                 except OSError:
                     is_dir = is_file = False
                 if is_dir:
@@ -345,7 +493,7 @@ class _FolderSource:
                         dirs.append(_Entry(sub, shown + "/"))
                         stack.append((child.path, sub, ancestors | {real}))
                 elif is_file:
-                    files.append(_Entry(sub, shown, child.path))
+                    files.append(_Entry(sub, shown, child.path, size))
                 elif child.is_symlink():
                     self.warnings.append(
                         f"skipped {shown}: symlink that cannot be resolved (missing target or a "
@@ -355,17 +503,22 @@ class _FolderSource:
                     self.warnings.append(f"skipped {shown}: not a regular file or folder")
         return files, dirs
 
-    def read(self, entry: _Entry) -> bytes:
-        path: str = entry.ref
-        size = os.stat(path).st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ValueError(f"{size} bytes, over the {MAX_IMAGE_BYTES} limit")
-        with open(path, "rb") as f:
-            return f.read()
+    def _check_link(self, link: str, shown: str) -> None:
+        """Links within the source are followed; one that leaves it would ingest a file that
+        is not part of the source (anything the user can read), so it is refused."""
+        target = os.path.realpath(link)
+        if os.path.commonpath([self._root, target]) != self._root:
+            raise IngestError(
+                f"{shown} in {self.path} is a symlink to {printable(target)}, outside the source; "
+                "nothing was ingested. Copy what it points to into the source, or remove the link."
+            )
+
+    def _open(self, entry: _Entry) -> IO[bytes]:
+        return open(entry.ref, "rb")
 
     @staticmethod
     def _show(parts: tuple[str, ...]) -> str:
-        return str(PurePosixPath(*parts)) if parts else "."
+        return printable(str(PurePosixPath(*parts))) if parts else "."
 
 
 def _is_junk(parts: tuple[str, ...]) -> bool:
@@ -374,14 +527,14 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
 
 
 @contextmanager
-def _open_source(source: Path) -> Iterator[_ZipSource | _FolderSource]:
+def _open_source(source: Path) -> Iterator[_Source]:
     if not source.exists():
         raise IngestError(
             f"source {source} does not exist; pass an existing folder or .zip file "
             "(e.g. images_background_small1.zip)."
         )
     if source.is_dir():
-        src: _ZipSource | _FolderSource = _FolderSource(source)
+        src: _Source = _FolderSource(source)
     elif source.is_file() and zipfile.is_zipfile(source):
         src = _ZipSource(source)
     else:
@@ -482,6 +635,7 @@ def scan_source(
     skip_invalid: bool = False,
     min_images: int = 1,
     progress: Progress | None = None,
+    max_total_bytes: int | None = None,
 ) -> ScannedSource:
     """Read and check every image in `source`; return the rows an ingest would store.
 
@@ -491,9 +645,16 @@ def scan_source(
     files raise unless `skip_invalid`, in which case each is skipped with a warning. Empty
     class folders are skipped with a warning; classes with fewer than `min_images` images are
     kept with a warning. Identical files within a domain are stored once.
+
+    Memory stays bounded whatever the source's size: files are read, decoded and hashed one
+    at a time and only their metadata is kept. The image files to read may add up to at
+    most `max_total_bytes` (default `max_ingest_bytes()`: `$ANOLE_MAX_INGEST_BYTES` or 2 GiB).
     """
     if min_images < 1:
         raise IngestError(f"min_images must be at least 1, got {min_images}.")
+    limit = max_ingest_bytes() if max_total_bytes is None else max_total_bytes
+    if limit < 1:
+        raise IngestError(f"max_total_bytes must be at least 1, got {limit}.")
     if domain is not None:
         check_domain_name(domain, subject=f"domain={domain!r}")
     src_path = Path(source).expanduser().resolve()
@@ -563,7 +724,12 @@ def scan_source(
         domains_in_source = set(rename.values()) if layout.multi else {name}
 
         candidates.sort(key=lambda c: (c.domain, c.cls, c.entry.display))
-        rows, invalid = _check_files(src, candidates, progress)
+        _check_class_names(candidates, cls_depth, src_path)
+        # Refuse an oversized source from its listing, before reading a byte of it.
+        readable = [c.entry.size for c in candidates if c.entry.size <= MAX_IMAGE_BYTES]
+        if sum(readable) > limit:
+            raise _over_total(src_path, sum(readable), len(readable), limit)
+        rows, invalid = _check_files(src, candidates, progress, limit)
 
     return _assemble(
         src_path,
@@ -578,38 +744,65 @@ def scan_source(
     )
 
 
+def _check_class_names(candidates: list[_Candidate], cls_depth: int, source: Path) -> None:
+    """Classes obey the domain-name rule: no control characters, no '/', '=', ... ."""
+    seen: set[tuple[str, str]] = set()
+    for c in candidates:
+        if (c.domain, c.cls) not in seen:
+            seen.add((c.domain, c.cls))
+            folder = printable("/".join(c.entry.parts[:cls_depth]))
+            check_domain_name(
+                c.cls, kind="class", subject=f"class folder {c.cls!r} ({folder}/ in {source})"
+            )
+
+
 @dataclass
 class _Row:
+    """A checked image: what the store needs to know of it, without its bytes."""
+
     domain: str
     cls: str
-    display: str
+    entry: _Entry
     digest: str
     width: int
     height: int
-    data: bytes
+    num_bytes: int
 
 
 def _check_files(
-    src: _ZipSource | _FolderSource, candidates: list[_Candidate], progress: Progress | None
+    src: _Source, candidates: list[_Candidate], progress: Progress | None, limit: int
 ) -> tuple[list[_Row], list[tuple[_Candidate, str]]]:
-    """Read, hash and decode every candidate; split into good rows and (candidate, reason)."""
+    """Read, hash and decode every candidate, one at a time; split into good rows and
+    (candidate, reason). IngestError once the bytes read pass `limit` (a zip's listed sizes
+    can lie)."""
     rows: list[_Row] = []
     invalid: list[tuple[_Candidate, str]] = []
-    total = len(candidates)
+    total, read_bytes, read_files = len(candidates), 0, 0
     if progress is not None:
         progress(0, total)
     for i, c in enumerate(candidates, 1):
         if not c.entry.parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             invalid.append((c, "not a .png/.jpg/.jpeg file"))
+        elif has_control_chars("".join(c.entry.parts)):
+            invalid.append((c, "its name has control or format characters; rename it"))
         else:
             try:
                 data = src.read(c.entry)
-                width, height = _inspect_image(data)
-            except Exception as e:  # any decode failure makes the file invalid, whatever its type
+            except Exception as e:  # unreadable or over the cap: invalid, whatever the cause
                 invalid.append((c, _reason(e)))
             else:
-                digest = hashlib.sha256(data).hexdigest()
-                rows.append(_Row(c.domain, c.cls, c.entry.display, digest, width, height, data))
+                read_bytes += len(data)
+                read_files += 1
+                if read_bytes > limit:
+                    raise _over_total(src.path, read_bytes, read_files, limit)
+                try:
+                    width, height = _inspect_image(data)
+                except Exception as e:  # any decode failure makes the file invalid
+                    invalid.append((c, _reason(e)))
+                else:
+                    digest = hashlib.sha256(data).hexdigest()
+                    rows.append(_Row(c.domain, c.cls, c.entry, digest, width, height, len(data)))
+                del data  # before the next read: one file's bytes in memory at a time
         if progress is not None:
             progress(i, total)
     return rows, invalid
@@ -657,7 +850,7 @@ def _assemble(
             kept = first_seen[key]
             if kept.cls != r.cls:
                 warns.append(
-                    f"duplicate image {r.display} is identical to {kept.display} in another "
+                    f"duplicate image {r.entry.display} is identical to {kept.entry.display} in another "
                     f"class; kept it only in class {kept.cls!r}. Check the labels."
                 )
             continue
@@ -692,6 +885,7 @@ def _assemble(
                 num_classes=len(classes),
                 duplicates=duplicates.get(dom, 0),
                 skipped=skipped.get(dom, 0),
+                entries=[r.entry for r in ordered],
             )
         )
     if not domains:
@@ -699,10 +893,11 @@ def _assemble(
             f"no valid images left to ingest from {src_path} (all {files_seen} candidate files "
             f"were invalid or filtered).\n{LAYOUT_HELP}"
         )
-    for w in warns:
-        logger.warning(w)
+    # Callers print the report's warnings themselves (logging them here too printed each one
+    # twice); keep a bounded list, so 100k bad files make a count, not 100k strings.
     layout = "omniglot" if _looks_like_omniglot(domains) else "generic"
-    return ScannedSource(str(src_path), layout, domains, warns, files_seen)
+    kept = warns[:MAX_REPORTED_WARNINGS]
+    return ScannedSource(str(src_path), layout, domains, kept, files_seen, len(warns) - len(kept))
 
 
 def _looks_like_omniglot(domains: list[ScannedDomain]) -> bool:
@@ -718,17 +913,17 @@ def _looks_like_omniglot(domains: list[ScannedDomain]) -> bool:
 
 
 def _to_table(rows: list[_Row]) -> pa.Table:
+    """The rows' metadata in `ROW_SCHEMA` (the image bytes stay in the source)."""
     return pa.table(
         {
             "domain": [r.domain for r in rows],
             "class": [r.cls for r in rows],
             "sample_id": [sample_id(r.domain, r.cls, r.digest) for r in rows],
-            "source_path": [r.display for r in rows],
+            "source_path": [r.entry.display for r in rows],
             "sha256": [r.digest for r in rows],
             "width": pa.array([r.width for r in rows], pa.int32()),
             "height": pa.array([r.height for r in rows], pa.int32()),
-            "num_bytes": pa.array([len(r.data) for r in rows], pa.int64()),
-            "image": pa.array([r.data for r in rows], pa.binary()),
+            "num_bytes": pa.array([r.num_bytes for r in rows], pa.int64()),
         },
-        schema=SCHEMA,
+        schema=ROW_SCHEMA,
     )

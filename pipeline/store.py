@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import settings
-from pipeline.atomic import atomic_path, atomic_write, atomic_write_json
-from pipeline.errors import StoreError
+from pipeline.atomic import atomic_path, atomic_write, atomic_write_json, is_disk_full
+from pipeline.errors import DiskFullError, StoreError
 from pipeline.images import ImageSet, decode_image
 from pipeline.ingest import (
     SCHEMA,
@@ -40,6 +40,7 @@ from pipeline.ingest import (
     IngestReport,
     Progress,
     ScannedDomain,
+    ScannedSource,
     content_hash,
     scan_source,
 )
@@ -117,21 +118,49 @@ class Store:
         skip_invalid: bool = False,
         min_images: int = 1,
         progress: Progress | None = None,
+        max_total_bytes: int | None = None,
     ) -> IngestReport:
         """Ingest a folder or .zip; each changed domain becomes a new version.
 
         Promises: every file is read and decode-checked before anything is written; the
         registry is written last and atomically, so an exception or a crash at any point
-        leaves the store as it was (stray files are ignored and removed by the next ingest).
-        Ingesting content the store already has changes nothing. `domain` selects one
-        domain of a multi-domain source, or names a single-domain source. See
-        `pipeline.ingest.scan_source` for the checks and warnings.
+        leaves the store as it was (stray files are ignored and removed by the next ingest),
+        and a full disk is a `DiskFullError` saying so. Ingesting content the store already
+        has changes nothing. `domain` selects one domain of a multi-domain source, or names a
+        single-domain source. Memory stays bounded: images are streamed from the source into
+        the Parquet files, never all held at once; `max_total_bytes` caps the source (see
+        `pipeline.ingest.scan_source` for it and for the checks and warnings).
         """
         start = time.perf_counter()
         # Reading and checking the source needs no lock: it touches nothing in the store.
         scanned = scan_source(
-            source, domain, skip_invalid=skip_invalid, min_images=min_images, progress=progress
+            source,
+            domain,
+            skip_invalid=skip_invalid,
+            min_images=min_images,
+            progress=progress,
+            max_total_bytes=max_total_bytes,
         )
+        try:
+            outcomes = self._commit(scanned)
+        except OSError as exc:  # creating the store folder or its lock file
+            if not is_disk_full(exc):
+                raise
+            raise self._disk_full(scanned, Path(exc.filename or self.root)) from None
+        return IngestReport(
+            source=scanned.source,
+            layout=scanned.layout,
+            domains=tuple(outcomes),
+            warnings=tuple(scanned.warnings),
+            files_seen=scanned.files_seen,
+            seconds=time.perf_counter() - start,
+            more_warnings=scanned.more_warnings,
+        )
+
+    def _commit(self, scanned: ScannedSource) -> list[DomainOutcome]:
+        """Under the lock: version each changed domain, write its Parquet file, then the
+        registry (the commit point); on any failure before that rename, remove what was
+        written, so the store is exactly as before."""
         with self._locked():
             registry = self._read_registry()
             new_registry = copy.deepcopy(registry)
@@ -167,27 +196,33 @@ class Store:
             if to_write:
                 self._remove_orphans(registry)
                 written: list[Path] = []
+                target = self.registry_path
                 try:
                     for d, record in to_write:
-                        path = self.root / record["path"]
-                        written.append(path)
-                        self._write_part(path, d.table)
+                        target = self.root / record["path"]
+                        written.append(target)
+                        self._write_part(target, scanned.tables(d))
+                    target = self.registry_path
                     self._write_registry(new_registry)  # the commit point
-                except BaseException:
+                except BaseException as exc:
                     # Nothing names these files yet; take them back so the store is as before.
                     if self._committed(new_registry):
                         raise  # failed after the rename: the new registry stands
                     for path in written:
                         path.unlink(missing_ok=True)
                         _remove_empty_parents(path.parent, stop=self.root)
+                    if isinstance(exc, DiskFullError) or is_disk_full(exc):
+                        raise self._disk_full(scanned, target) from None
                     raise
-        return IngestReport(
-            source=scanned.source,
-            layout=scanned.layout,
-            domains=tuple(outcomes),
-            warnings=tuple(scanned.warnings),
-            files_seen=scanned.files_seen,
-            seconds=time.perf_counter() - start,
+        return outcomes
+
+    def _disk_full(self, scanned: ScannedSource, target: Path) -> DiskFullError:
+        """The one line for an ingest that ran out of space: what, where, and that the store
+        (whose registry was never replaced) is as it was."""
+        return DiskFullError(
+            f"no space left on the device while writing {target} (ingesting {scanned.source} "
+            f"into store {self.root}); nothing was lost: the store is as it was before this "
+            "ingest. Free some space and run the ingest again."
         )
 
     def _committed(self, registry: dict[str, Any]) -> bool:
@@ -197,10 +232,12 @@ class Store:
         except (OSError, ValueError):
             return False
 
-    def _write_part(self, path: Path, table: pa.Table) -> None:
-        """Write one domain version's Parquet file: temp file, fsync, rename."""
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+    def _write_part(self, path: Path, tables: Iterable[pa.Table]) -> None:
+        """Write one domain version's Parquet file from `tables` (one row group each, so only
+        one batch of images is in memory): temp file, fsync, rename."""
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as out:
+            for table in tables:
+                out.write_table(table)
 
     def _write_registry(self, registry: dict[str, Any]) -> None:
         atomic_write_json(self.registry_path, registry)
@@ -403,8 +440,8 @@ class Store:
                     domains=np.array(images.domains, dtype=str),
                 ),
             )
-        except OSError:
-            pass  # a read-only store still loads; it just decodes again next time
+        except (OSError, DiskFullError):
+            pass  # a read-only or full store still loads; it just decodes again next time
 
 
 def _remove_empty_parents(folder: Path, *, stop: Path) -> None:

@@ -289,12 +289,12 @@ def test_symlink_loop_is_warned_not_followed(tmp_path):
     assert any("sketches/self" in w and "symlink" in w for w in report.warnings)
 
 
-def test_symlinked_class_folder_is_followed(tmp_path):
+def test_symlinks_inside_the_source_are_followed(tmp_path):
     src = make_tree(tmp_path / "src", generic_files())
-    other = make_tree(tmp_path / "elsewhere", {"a.png": image_bytes(555)})
-    os.symlink(other, src / "photos" / "linked")
-    report = scan_source(src)
-    assert report.domains[0].num_classes == 3
+    os.symlink(src / "sketches" / "cat", src / "photos" / "linked")  # a class folder
+    os.symlink("../../sketches/dog/img0.png", src / "photos" / "dog" / "alias.png")  # a file
+    photos = scan_source(src).domains[0]
+    assert (photos.name, photos.num_classes, photos.num_images) == ("photos", 3, 10)
 
 
 def test_mixed_depths_is_a_layout_error(tmp_path):

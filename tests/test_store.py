@@ -234,15 +234,15 @@ def test_parquet_write_failure_leaves_store_as_before(tmp_path, monkeypatch):
     store.ingest(tiny_source(tmp_path / "v1"))
     before, table = snapshot(store), store.read_table()
     calls = []
-    real_write = store_module.pq.write_table
+    real_write = store_module.pq.ParquetWriter.write_table
 
-    def fail_second(*args, **kwargs):
+    def fail_second(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("I/O error")
-        return real_write(*args, **kwargs)
+        return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(store_module.pq, "write_table", fail_second)
+    monkeypatch.setattr(store_module.pq.ParquetWriter, "write_table", fail_second)
     with pytest.raises(OSError, match="I/O error"):
         store.ingest(tiny_source(tmp_path / "v2", seed=100))
     assert len(calls) == 2
@@ -262,11 +262,11 @@ def die(*args, **kwargs):
 if where == "registry":  # after the Parquet files are in place, before the commit
     m.Store._write_registry = die
 else:  # halfway through writing a Parquet temp file
-    real = m.pq.write_table
-    def half(table, path, **kw):
-        real(table.slice(0, 1), path, **kw)
+    real = m.pq.ParquetWriter.write_table
+    def half(self, table, *args, **kw):
+        real(self, table.slice(0, 1), *args, **kw)
         die()
-    m.pq.write_table = half
+    m.pq.ParquetWriter.write_table = half
 Store(sys.argv[1]).ingest(sys.argv[2])
 """
 
