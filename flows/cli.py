@@ -426,8 +426,30 @@ def serve(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A flag click cannot parse (`--episodes abc`, `--bogus`) is one
+    `error:` line and exit 2, like every other bad input, instead of click's boxed panel."""
+    try:  # newer typer vendors click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click  # type: ignore[no-redef]
+    help_only = getattr(click, "NoArgsIsHelpError", ())  # bare `anole`; click < 8.2 just prints help
+
+    try:
+        code = app(standalone_mode=False)
+    except help_only as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "anole"
+        _tagged("error", "bold red", f"{exc.format_message()} (see `{where} --help`)")
+        code = exc.exit_code
+    except click.ClickException as exc:
+        _tagged("error", "bold red", exc.format_message())
+        code = exc.exit_code
+    except typer.Abort:
+        _tagged("error", "bold red", "aborted")
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
