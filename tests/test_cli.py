@@ -132,6 +132,10 @@ BAD_ARGS = [
     (["serve", "--debounce", "-1"], "--debounce -1: must be a finite number >= 0"),
     (["train", "--set", "meta_lr=nan"], "config field 'meta_lr' = nan: must be a finite number > 0"),
     (["train", "--set", "hidden=0"], "config field 'hidden' = 0: must be an integer >= 1"),
+    # what click cannot parse is one line too
+    (["evaluate", "--episodes", "abc"], "Invalid value for '--episodes'"),
+    (["run", "--bogus"], "No such option: --bogus"),
+    (["sample"], "Missing option '--out'"),
     # names holding rich markup print as typed, not as a MarkupError traceback
     (["train", "--config", "c[/x].yaml"], "config file c[/x].yaml does not exist"),
     (["ingest", "src[/x]"], "src[/x]"),
