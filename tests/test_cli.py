@@ -112,6 +112,7 @@ BAD_ARGS = [
     (["run", "--minutes", "nan"], "--minutes nan: must be a finite number > 0"),
     (["run", "--minutes", "0"], "--minutes 0: must be a finite number > 0"),
     (["run", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["run", "--out", "notes.txt"], "--out notes.txt is a file: give a folder"),
     (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, fomaml or maml"),
     (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--episodes", "0"],
      "--episodes 0: must be an integer >= 1"),
@@ -146,6 +147,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("args, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_bad_argument_is_one_line_and_changes_nothing(tmp_path, args, message):
     (tmp_path / "src").mkdir()  # an existing, empty source folder for the ingest cases
+    (tmp_path / "notes.txt").write_text("not a workspace\n")
     before = _tree(tmp_path)
     env = {"ANOLE_HOME": str(tmp_path / "store"), "PREFECT_HOME": str(tmp_path / "prefect"),
            "COLUMNS": "40"}  # a narrow terminal must not wrap the line either
