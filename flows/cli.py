@@ -293,36 +293,68 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Meta-updates to run.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, TensorBoard logs.")] = Path("anole-runs/latest"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest good checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Clear the run in --out (checkpoints, metrics, logs) and start afresh.")] = False,
     workers: Annotated[int, typer.Option(help="Ray adaptation workers; 0 trains in this process.")] = 0,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     store: StoreOpt = None,
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config field and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Meta-train a learner on the store's domains, checkpointing as it goes."""
+    """Meta-train a learner on the store's domains, checkpointing as it goes.
+
+    In this process (--workers 0), Ctrl-C or SIGTERM finishes the step in flight, checkpoints
+    it and exits 130 saying how to resume; a second Ctrl-C exits at once."""
     from pipeline.config import TrainConfig, config_for, field_docs
+    from pipeline.errors import ConfigError
 
     if help_config:
         defaults = TrainConfig().to_dict()
         for name, doc in field_docs().items():
             typer.echo(f"{name} = {defaults[name]!r}\n    {doc}")
         return
+    if resume and overwrite:
+        raise ConfigError(f"--resume continues the run in {out} and --overwrite clears it: give one")
     _offline_env()
     cfg = config_for(learner, config, set_ or [], minutes=minutes, steps=steps)
-    result = _train(cfg, out, store, resume=resume, workers=workers, ray_address=ray_address,
-                    quiet=as_json)
+    again = ["anole", "train", *(["--learner", learner] if learner else []),
+             *(["--config", str(config)] if config else []),
+             *(x for s in set_ or [] for x in ("--set", s)),
+             *(["--minutes", str(minutes)] if minutes is not None else []),
+             *(["--steps", str(steps)] if steps is not None else []),
+             *(["--store", str(store)] if store else []), "--resume", "--out", str(out)]
+    try:
+        result = _train(cfg, out, store, resume=resume, overwrite=overwrite, workers=workers,
+                        ray_address=ray_address, quiet=as_json)
+    except KeyboardInterrupt:
+        if workers > 0:
+            raise
+        _interrupted(f"stopped at once; the checkpoints already in {out / 'checkpoints'} are intact", again)
     _emit(as_json, result, _train_summary(result))
+    if result.get("interrupted"):
+        _interrupted(f"{result['interrupted']}: stopped at step {result['step']} and saved "
+                     f"{result['latest_checkpoint']}", again)
 
 
-def _train(cfg, out: Path, store: Path | None, *, resume: bool, workers: int,
+def _interrupted(what: str, again: list[str]) -> None:
+    """Say how to continue an interrupted training, and exit 130 (the shell's code for Ctrl-C)."""
+    import shlex
+
+    _tagged("interrupted", "bold yellow", f"{what}; continue with: {shlex.join(again)}")
+    raise typer.Exit(130)
+
+
+def _train(cfg, out: Path, store: Path | None, *, resume: bool, overwrite: bool, workers: int,
            ray_address: str | None, quiet: bool) -> dict[str, Any]:
     from pipeline.store import Store
+    from pipeline.train import clear_run
 
     images = Store(store).load_images(
         list(cfg.domains) or None, image_size=cfg.image_size, channels=cfg.channels, invert=cfg.invert
     )
     if not images.domains:
         raise typer.BadParameter("the store is empty: run `anole ingest SOURCE` first")
+    if overwrite and clear_run(out):  # only now: a bad flag or store above leaves the run as it was
+        _tagged("warning", "yellow", f"--overwrite: cleared the earlier run in {out}")
     with _Progress(f"train {cfg.learner}", enabled=not quiet) as bar:
         if workers > 0:
             from workers.driver import train_distributed
@@ -330,10 +362,36 @@ def _train(cfg, out: Path, store: Path | None, *, resume: bool, workers: int,
             result = train_distributed(cfg, images, out, workers=workers, address=ray_address,
                                        resume=resume, progress=bar)
         else:
-            from pipeline.train import Trainer
+            from pipeline.train import Trainer, stop_on_signals
 
-            result = Trainer(cfg, images, out, progress=bar).run(resume=resume)
+            trainer = Trainer(cfg, images, out, progress=bar)
+
+            def stopping(name: str) -> None:
+                _tagged("warning", "yellow", f"{name}: finishing the step in flight, then saving a "
+                        "checkpoint (press Ctrl-C again to stop at once)")
+
+            with stop_on_signals(trainer, stopping):
+                result = trainer.run(resume=resume)
     return result.to_dict()
+
+
+@app.command("convert-checkpoint")
+@_guard
+def convert_checkpoint(
+    path: Annotated[Path, typer.Argument(help="A checkpoint (.pt or .json), a checkpoints folder or a run folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-save a TRUSTED checkpoint from an older anole in the safe form that evaluate and --resume load.
+
+    Loading refuses payloads holding more than tensors and plain data, because unpickling those
+    can run code. This command unpickles them in full, so run it only on files you wrote
+    yourself or otherwise trust; each payload's sha256 is checked first, and payloads that
+    already load safely are left as they are."""
+    from pipeline.checkpoint import convert_checkpoint as convert
+
+    converted = convert(path)
+    _emit(as_json, {"converted": [str(p) for p in converted]},
+          "\n".join(f"converted {p}" for p in converted) or f"{path}: already in the safe form")
 
 
 def _train_summary(result: dict[str, Any]) -> str:

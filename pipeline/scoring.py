@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, CheckpointDir, load_checkpoint
 from .config import TrainConfig
 from .episodes import Episodes
-from .errors import AnoleError, ConfigError
+from .errors import AnoleError, CheckpointError, ConfigError
 from .evaluation import Accuracy
 from .oneshot import OneShotRun, RunScores, mhd_classify, pixel_nn_classify, read_run, score_runs
 from .tasks import DomainSplit
@@ -43,21 +44,56 @@ class TrainedModel:
 
 
 def load_model(path: str | Path) -> TrainedModel:
-    """Load a verified checkpoint (a .pt, or a run directory: its best, else latest)."""
-    path = Path(path)
-    if path.is_dir():
-        best = path / "checkpoints" / "best.pt"
-        path = best if best.exists() else path / "checkpoints"
-    ckpt = load_checkpoint(path)
+    """Load a verified checkpoint: a .pt, or a run (or checkpoints) folder: its best, else the
+    newest intact step checkpoint (with a warning when the best is damaged)."""
+    ckpt = _load_checkpoint(Path(path))
     manifest = ckpt.manifest
+    where = ckpt.path.with_suffix(".json")
+    missing = [k for k in ("config", "split") if not isinstance(manifest.get(k), dict)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint manifest {where} has no {' or '.join(repr(k) for k in missing)}, so "
+            "the model cannot be rebuilt; evaluate a checkpoint written by `anole train`"
+        )
+    meta = ckpt.state.get("meta")
+    params = meta.get("params") if isinstance(meta, dict) else None
+    if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds no meta-parameters (state['meta']['params']); "
+            "evaluate a checkpoint written by `anole train`"
+        )
     return TrainedModel(
         path=ckpt.path,
-        config=TrainConfig.from_dict(manifest["config"], source=str(ckpt.path)),
-        params=ckpt.state["meta"]["params"],
+        config=TrainConfig.from_dict(manifest["config"], source=str(where)),
+        params=params,
         split=DomainSplit.from_dict(manifest["split"]),
         data_version=manifest.get("data_version", ""),
         step=ckpt.step,
     )
+
+
+def _load_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_dir():
+        return load_checkpoint(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpts = CheckpointDir(root)
+    if not ckpts.holds_checkpoints():
+        raise CheckpointError(
+            f"{path} holds no checkpoint (no step-*.json or best.json in {root}); point at a run "
+            "folder made by `anole train --out DIR`, or at one of its checkpoints/*.pt"
+        )
+    found = ckpts.best()  # warns why, when the best is damaged
+    if found is None:
+        found = ckpts.latest()
+        if found is None:
+            raise CheckpointError(
+                f"no checkpoint in {root} verifies (each is corrupt or missing its payload); "
+                "restore the folder from a backup or train again"
+            )
+        if ckpts.best_pointer.exists():
+            warnings.warn(f"falling back to the newest intact step checkpoint {found.path}",
+                          stacklevel=3)
+    return found
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:

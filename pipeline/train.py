@@ -9,8 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointDir
 from .config import TrainConfig
 from .episodes import Episodes
@@ -318,6 +324,8 @@ class TrainResult:
     seconds: float
     tasks_per_second: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: str | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -329,6 +337,7 @@ class TrainResult:
             "latest_checkpoint": str(self.latest_checkpoint) if self.latest_checkpoint else None,
             "seconds": round(self.seconds, 2),
             "tasks_per_second": round(self.tasks_per_second, 2),
+            "interrupted": self.interrupted,
         }
 
 
@@ -352,6 +361,15 @@ class Trainer:
         self.val_specs = validation_specs(self.data)
         self._new_best = False  # the last validation beat the best so far: save as best
         self._val_seconds = 0.0  # the last validation's duration, for the budget's step count
+        self._stop: str | None = None  # why to stop after the step in flight (request_stop)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop after the step in flight and checkpoint there (safe from a signal handler)."""
+        self._stop = reason
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop is not None
 
     # Checkpoint payload and manifest.
     def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -364,8 +382,12 @@ class Trainer:
         return time.perf_counter()
 
     def run(self, *, resume: bool = False) -> TrainResult:
-        """Train to the configured steps or time budget; with `resume`, continue the latest checkpoint."""
+        """Train to the configured steps or time budget; with `resume`, continue the latest checkpoint.
+
+        A fresh run refuses a folder that holds another run's checkpoints (they would mix)."""
         cfg = self.config
+        if not resume:
+            refuse_existing_run(self.out_dir, self.checkpoints)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +410,8 @@ class Trainer:
         else:
             params = self.init_params if self.init_params is not None else initial_params(cfg)
             meta = MetaOptimizer(params, cfg, total_steps=cfg.steps)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            atomic_write_bytes(self.out_dir / "config.json",
+                               (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         history = self._read_history(upto=start)
         writer = self._tensorboard()
         t0 = self._clock()
@@ -396,6 +419,7 @@ class Trainer:
         tasks_done = 0
         metrics: dict[str, float] = {}
         last_ckpt: Path | None = ckpt.path if ckpt else None
+        saved_step = start if ckpt else None
         budget = cfg.minutes * 60.0
         budget_fixed = not budget or ckpt is not None
         step = start
@@ -406,6 +430,9 @@ class Trainer:
                 self._validate(meta, 0, history, writer, None)
                 self._new_best = False
             while step < meta.total_steps:
+                # A stop request (Ctrl-C) lets the step in flight finish, then ends here.
+                if self._stop is not None:
+                    break
                 if budget and elapsed_before + self._clock() - t0 > budget:
                     break
                 ts = self._clock()
@@ -433,10 +460,16 @@ class Trainer:
                 if step % cfg.checkpoint_every == 0 or is_val:
                     last_ckpt = self._save(meta, step, metrics, best_val,
                                            elapsed_before + self._clock() - t0)
+                    saved_step = step
         finally:
             if writer is not None:
                 writer.close()
-        if step > start or last_ckpt is None:
+        if self._stop is not None:
+            # Interrupted: checkpoint the last finished step as it is; no final validation, the
+            # user is waiting (and validation never changes the training path).
+            if saved_step != step:
+                last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + self._clock() - t0)
+        elif step > start or last_ckpt is None:
             if self.val_specs is not None and step % cfg.val_every != 0:
                 best_val = self._validate(meta, step, history, None, best_val)
             last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + self._clock() - t0)
@@ -451,6 +484,7 @@ class Trainer:
             seconds=self._clock() - t0,
             tasks_per_second=tasks_done / train_seconds if train_seconds else 0.0,
             history=history,
+            interrupted=self._stop,
         )
 
     # --- pieces of the loop ---
@@ -570,6 +604,71 @@ def check_compatible(ckpt: Checkpoint, config: TrainConfig, data_version: str) -
         )
 
 
+def refuse_existing_run(out_dir: Path, checkpoints: CheckpointDir) -> None:
+    """Raise CheckpointError when `checkpoints` holds a run: a fresh run there would mix with it
+    (overwrite its steps, cut its metrics, replace a better best). Shared with workers/driver.py."""
+    if not checkpoints.holds_checkpoints():
+        return
+    steps = checkpoints.steps()
+    held = f"checkpoints up to step {steps[-1]}" if steps else "a best checkpoint"
+    raise CheckpointError(
+        f"{out_dir} already holds a run ({held}); pass --resume to continue it, a new --out "
+        "directory to start another, or --overwrite to clear it first"
+    )
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard", "result.json")
+"""What a run writes into its folder; `clear_run` removes these and nothing else."""
+
+
+def clear_run(out_dir: str | Path) -> list[str]:
+    """Remove a run's files from `out_dir` (`anole train --overwrite`); returns what was removed.
+
+    Checkpoints go first, so an interrupted clear leaves no run that `--resume` would continue.
+    Other files in the folder are not anole's and stay."""
+    removed = []
+    for name in RUN_FILES:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer, notify: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While inside: the first SIGINT or SIGTERM asks `trainer` to stop after the step in flight
+    (it then writes a checkpoint there) and calls `notify(signal name)`; a second raises
+    KeyboardInterrupt at once. The previous handlers are restored on exit.
+
+    For the CLI: a library caller (a flow) keeps its own handling unless it opts in. Outside
+    the main thread, where Python cannot set handlers, this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_requested:
+            raise KeyboardInterrupt(name)
+        trainer.request_stop(name)
+        if notify is not None:
+            notify(name)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
     """Append one record to the run's metrics.jsonl."""
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
@@ -577,15 +676,34 @@ def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_history(out_dir: Path, upto: int) -> list[dict[str, Any]]:
-    """Metrics logged up to step `upto`; later lines (from a run that crashed) are dropped."""
+    """Metrics logged up to step `upto`, and metrics.jsonl rewritten (atomically) to just those:
+    later lines (from a run that crashed) are dropped, and so is a torn last line (a crash
+    mid-append), with a warning."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
-    if upto == 0:
-        kept = []
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+    if upto == 0:  # a fresh start: nothing to keep, whatever the file holds
+        atomic_write_bytes(path, b"")
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines):
+                raise CheckpointError(
+                    f"{path} line {number} is not a metrics record: {line[:60]!r}; delete that "
+                    "line (or the file, losing the run's logged metrics) and resume again"
+                ) from None
+            warnings.warn(f"{path}: dropped a torn last line (a crash mid-write): {line[:60]!r}",
+                          stacklevel=2)
+            continue
+        if step <= upto:
+            records.append(record)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
 
 
 def mean_metrics(sums: dict[str, float], num_tasks: int) -> dict[str, float]:

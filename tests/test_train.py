@@ -78,7 +78,8 @@ def test_resume_refuses_a_different_config(omniglot_store, tmp_path, tiny):
 def test_best_checkpoint_and_scoring(omniglot_store, tmp_path, oneshot_runs, tiny):
     cfg = config_for("protonet", overrides=tiny, steps=6)
     result = Trainer(cfg, _images(omniglot_store, cfg), tmp_path, log_tensorboard=True).run()
-    assert result.best_checkpoint.name == "best.pt"
+    assert result.best_checkpoint.name.startswith("best-")
+    assert load_model(tmp_path / "checkpoints" / "best.pt").path == result.best_checkpoint
     assert (tmp_path / "tensorboard").is_dir()
     assert (tmp_path / "metrics.jsonl").exists()
     model = load_model(tmp_path)

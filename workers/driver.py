@@ -35,7 +35,13 @@ from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.images import ImageSet
 from pipeline.tasks import DomainSplit, EpisodeSpecs
-from pipeline.train import ProgressFn, TrainingData, TrainResult, check_compatible
+from pipeline.train import (
+    ProgressFn,
+    TrainingData,
+    TrainResult,
+    check_compatible,
+    refuse_existing_run,
+)
 
 from .pool import WorkerPool
 from .protocol import Ack, ServerStatus, Snapshot, WorkerInfo
@@ -191,11 +197,8 @@ class DistributedTrainer:
                 f"--workers {self.num_workers}: need at least 1 (0 trains in this process)"
             )
         checkpoints = CheckpointDir(self.out_dir / "checkpoints")
-        if not resume and checkpoints.steps():
-            raise CheckpointError(
-                f"{self.out_dir} already holds checkpoints (steps {checkpoints.steps()[-3:]}); pass "
-                "--resume to continue that run, or train into a new --out directory"
-            )
+        if not resume:
+            refuse_existing_run(self.out_dir, checkpoints)  # worded as the single-process Trainer's
         if resume:
             self._preflight_resume(checkpoints)
         with ray_session(self.address, local_cpus(self.config, self.num_workers, self.options)):
