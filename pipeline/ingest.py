@@ -242,8 +242,10 @@ class ScannedSource:
                 del data
                 if size >= limit or i + 1 == len(domain.entries):
                     rows = domain.table.slice(start, len(blobs))
-                    yield rows.append_column(SCHEMA.field("image"), pa.array(blobs, pa.binary()))
-                    start, blobs, size = i + 1, [], 0
+                    images = pa.array(blobs, pa.binary())
+                    start, blobs, size = i + 1, [], 0  # drop the copies Arrow now holds
+                    yield rows.append_column(SCHEMA.field("image"), images)
+                    del images
 
 
 def _changed(source: str, entry: _Entry, why: str) -> IngestError:
