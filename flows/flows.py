@@ -10,10 +10,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.errors import AnoleError, ConfigError
+from pipeline.errors import AnoleError, ConfigError, IngestError
 
 from .champions import Champions, tried_before
-from .tasks import build_task_pools, evaluate, ingest_domain, meta_train, promote
+from .tasks import (
+    RESULT_SERIALIZER,
+    build_task_pools,
+    evaluate,
+    ingest_domain,
+    meta_train,
+    promote,
+)
 from .workspace import (
     PoolSettings,
     PromotionPolicy,
@@ -22,6 +29,7 @@ from .workspace import (
     extend_split,
     inbox_sources,
     list_source_domains,
+    quarantine_source,
 )
 
 
@@ -112,7 +120,7 @@ def _current_split(ws: Workspace, wcfg: WorkspaceConfig):
     return extend_split(wcfg.split, names)
 
 
-@flow(name="anole-pipeline")
+@flow(name="anole-pipeline", result_serializer=RESULT_SERIALIZER)
 def anole_pipeline(
     root: str,
     sources: list[str] | None = None,
@@ -188,7 +196,7 @@ def anole_pipeline(
     }
 
 
-@flow(name="retrain-on-new-domains")
+@flow(name="retrain-on-new-domains", result_serializer=RESULT_SERIALIZER)
 def retrain_on_new_domains(
     root: str,
     inbox: str | None = None,
@@ -200,13 +208,12 @@ def retrain_on_new_domains(
     """Retrain the champion on domains that arrived since it was trained; promote if better."""
     logger = get_run_logger()
     ws = Workspace(root)
-    for source in inbox_sources(inbox) if inbox else []:
-        ingest_domain(str(source), root)
+    rejected = _ingest_inbox(inbox, root) if inbox else []
     champion = Champions(ws).current()
     if champion is None:
         message = f"no champion in {ws.root} yet: run the pipeline first (`anole run`)"
         logger.info(message)
-        return {"status": "no-champion", "message": message}
+        return {"status": "no-champion", "message": message, "rejected": rejected}
     store = ws.store()
     infos = store.domains()
     new = sorted(i.name for i in infos if champion["domains"].get(i.name) != i.content_hash)
@@ -219,6 +226,7 @@ def retrain_on_new_domains(
         return {
             "status": "up-to-date",
             "message": message,
+            "rejected": rejected,
             "champion": champion["id"],
             "champion_checkpoint": champion["checkpoint"],
         }
@@ -233,6 +241,7 @@ def retrain_on_new_domains(
         return {
             "status": "already-tried",
             "message": message,
+            "rejected": rejected,
             "new_domains": new,
             "champion": champion["id"],
             "champion_checkpoint": champion["checkpoint"],
@@ -269,6 +278,7 @@ def retrain_on_new_domains(
     return {
         "status": "promoted" if decision["promoted"] else "refused",
         "new_domains": new,
+        "rejected": rejected,
         "previous_champion": champion["id"],
         "checkpoint": checkpoint,
         "report": ev["report"],
@@ -278,13 +288,32 @@ def retrain_on_new_domains(
     }
 
 
-@flow(name="ingest")
+def _ingest_inbox(inbox: str, root: str) -> list[str]:
+    """Ingest every source waiting in the inbox; return the ones rejected.
+
+    A source that is bad input (IngestError) is quarantined: moved to `<inbox>/rejected/` with
+    its error beside it, so it fails neither this retrain nor any later one. Other errors (a full
+    disk, a damaged store) are not the source's fault and fail the run as before.
+    """
+    logger = get_run_logger()
+    rejected = []
+    for source in inbox_sources(inbox):
+        try:
+            ingest_domain(str(source), root)
+        except IngestError as exc:
+            moved = quarantine_source(source, exc)
+            logger.warning(f"rejected {source.name}: {exc}; moved to {moved}, error beside it")
+            rejected.append(str(moved))
+    return rejected
+
+
+@flow(name="ingest", result_serializer=RESULT_SERIALIZER)
 def ingest_flow(source: str, root: str, domain: str | None = None) -> dict[str, Any]:
     """Ingest one folder or zip into the workspace store (emits anole.domain.arrived)."""
     return ingest_domain(source, root, domain=domain)
 
 
-@flow(name="anole-main-job")
+@flow(name="anole-main-job", result_serializer=RESULT_SERIALIZER)
 def main_job(
     root: str,
     sources: list[str],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+from prefect.filesystems import LocalFileSystem
+from prefect.serializers import JSONSerializer
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pipeline.errors import AnoleError, ConfigError, IngestError, StoreError
@@ -63,10 +66,87 @@ def _retry_on_io(task, task_run, state) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- cached results
+
+RESULT_SERIALIZER = "json"
+"""How every task and flow persists its result: they are small JSON reports (paths, versions,
+dicts), never pickles, which would run whatever code a planted cache file holds."""
+
+_JSON_SERIALIZER = JSONSerializer().model_dump()
+
+
+def cached_result_problem(data: bytes) -> str | None:
+    """Why a persisted result record must not be read, or None if it is plain JSON.
+
+    Prefect decodes a record with the serializer that the record itself names, whatever the
+    task's own is: a planted record naming pickle, or JSON with another `jsonlib` or decoder, or
+    a `__class__` for Prefect's decoder to import and build, would run code. Only Prefect's stock
+    JSON serializer over plain JSON values passes.
+    """
+    try:
+        record = json.loads(data)
+    except ValueError:  # also a UnicodeDecodeError: a pickle, say
+        return "it is not JSON"
+    if not isinstance(record, dict) or set(record) != {"metadata", "result"}:
+        return "it is not a Prefect result record"
+    meta = record["metadata"]
+    serializer = meta.get("serializer") if isinstance(meta, dict) else None
+    if serializer != _JSON_SERIALIZER:
+        return f"its serializer is {json.dumps(serializer)[:120]}, not plain JSON"
+    if not isinstance(record["result"], str):
+        return "its result is not JSON text"
+    try:
+        json.loads(record["result"], object_hook=_plain)
+    except ValueError as exc:
+        return f"its result is not plain JSON ({exc})"
+    return None
+
+
+def _plain(obj: dict[str, Any]) -> dict[str, Any]:
+    if "__class__" in obj or "__exc_type__" in obj:  # Prefect's decoder would build these types
+        raise ValueError("it names a Python type to build")
+    return obj
+
+
+def _vetted(context, key: str) -> str:
+    """`key`, once no unsafe record sits under it; a task's cache-key function returns this.
+
+    The cache key is computed before Prefect looks the record up, so an unsafe one is moved to
+    `rejected/` beside the results, with a warning, and the task recomputes its result.
+    """
+    storage = context.result_store.result_storage
+    if not isinstance(storage, LocalFileSystem):
+        # Prefect then runs the task uncached (it logs this error), never reading the record.
+        raise AnoleError(
+            f"anole vets cached task results on local disk only, not in {type(storage).__name__}; "
+            "unset PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK to keep the cache"
+        )
+    path = Path(storage.basepath or ".").expanduser() / key
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return key
+    problem = cached_result_problem(data)
+    if problem is not None:
+        rejected = path.parent / "rejected" / path.name
+        rejected.parent.mkdir(exist_ok=True)
+        os.replace(path, rejected)
+        get_run_logger().warning(
+            f"ignored the cached result {path}: {problem}; moved it to {rejected} and "
+            "computing the result again"
+        )
+    return key
+
+
 # --------------------------------------------------------------------------- ingest
 
 
 def _ingest_cache_key(context, p: dict[str, Any]) -> str:
+    return _vetted(context, ingest_cache_key(p))
+
+
+def ingest_cache_key(p: dict[str, Any]) -> str:
+    """The name of an ingest's cached result, from the task's parameters `p`."""
     # The source's content, the store and the selection: the same bytes are never ingested twice.
     ws = Workspace(p["root"])
     key = {
@@ -93,6 +173,7 @@ def _ingest_run_name() -> str:
     retry_condition_fn=_retry_on_io,
     cache_key_fn=_ingest_cache_key,
     persist_result=True,
+    result_serializer=RESULT_SERIALIZER,
 )
 def ingest_domain(
     source: str, root: str, domain: str | None = None, skip_invalid: bool = False
@@ -110,7 +191,7 @@ def ingest_domain(
         check_domain_name(domain)
     ws = Workspace(root)
     report = ws.store().ingest(path, domain, skip_invalid=skip_invalid)
-    for warning in report.warnings:
+    for warning in report.warning_lines():  # bounded: the first few and a count
         logger.warning(warning)
     emitted = []
     for d in report.domains:
@@ -184,13 +265,14 @@ def _pools_cache_key(context, p: dict[str, Any]) -> str:
         "split": p["split"],
         "settings": PoolSettings.from_dict(p.get("settings")).key(),
     }
-    return f"anole-pools-{stable_hash(key, 40)}"
+    return _vetted(context, f"anole-pools-{stable_hash(key, 40)}")
 
 
 @task(
     name="build-task-pools",
     cache_key_fn=_pools_cache_key,
     persist_result=True,
+    result_serializer=RESULT_SERIALIZER,
     retries=1,
     retry_condition_fn=_retry_on_io,
 )
@@ -287,7 +369,7 @@ def checkpoint_sha(path: str | Path) -> str:
     return json.loads(Path(path).with_suffix(".json").read_text())["sha256"]
 
 
-@task(name="meta-train", cache_policy=NO_CACHE)
+@task(name="meta-train", cache_policy=NO_CACHE, result_serializer=RESULT_SERIALIZER)
 def meta_train(
     root: str,
     config: dict[str, Any],
@@ -616,7 +698,7 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
     return result
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, result_serializer=RESULT_SERIALIZER)
 def evaluate(
     root: str,
     checkpoint: str,
@@ -816,7 +898,7 @@ def evaluation_markdown(scores: dict[str, Any], name: str, domain_rows, split_ro
 # --------------------------------------------------------------------------- promotion
 
 
-@task(name="promote", cache_policy=NO_CACHE)
+@task(name="promote", cache_policy=NO_CACHE, result_serializer=RESULT_SERIALIZER)
 def promote(
     root: str,
     candidate_checkpoint: str,

@@ -10,6 +10,7 @@ Layout under the root::
     champions.json          # champion registry: current champion, history, every decision
     champions/<id>/         # a copy of each champion's checkpoint (runs may be pruned)
     inbox/                  # optional: drop a folder or zip here and the retrain flow ingests it
+    inbox/rejected/         # sources that failed to ingest, each beside <name>.error.json
 
 Plain Python only (no Prefect, no Ray): the flows call it, tests read it.
 """
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -207,6 +209,11 @@ def list_source_domains(source: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
+REJECTED_DIR = "rejected"
+"""An inbox's folder of sources that failed to ingest, each with `<name>.error.json` beside it
+(so a folder source cannot be named this)."""
+
+
 def inbox_sources(inbox: str | os.PathLike[str]) -> list[Path]:
     """Sources waiting in an inbox folder: each .zip and each sub-folder, by name."""
     inbox = Path(inbox)
@@ -215,8 +222,42 @@ def inbox_sources(inbox: str | os.PathLike[str]) -> list[Path]:
     return sorted(
         p
         for p in inbox.iterdir()
-        if not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() == ".zip")
+        if not p.name.startswith(".")
+        and p.name != REJECTED_DIR
+        and (p.is_dir() or p.suffix.lower() == ".zip")
     )
+
+
+def quarantine_source(source: str | os.PathLike[str], error: BaseException) -> Path:
+    """Move an inbox source that failed to ingest to `<inbox>/rejected/`; return its new path.
+
+    The error goes beside it first, as `<name>.error.json`, then the source is renamed (atomic:
+    the same filesystem), so a crash between the two leaves it in the inbox to be tried again.
+    An earlier rejected source of the same name is kept: this one gets a `-2`, `-3`... suffix.
+    """
+    source = Path(source)
+    folder = source.parent / REJECTED_DIR
+    folder.mkdir(exist_ok=True)
+    target, n = folder / source.name, 1
+    while target.exists() or error_file(target).exists():
+        n += 1
+        target = folder / f"{source.stem}-{n}{source.suffix}"
+    atomic_write_json(
+        error_file(target),
+        {
+            "source": str(source),
+            "error": str(error),
+            "type": type(error).__name__,
+            "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    os.replace(source, target)
+    return target
+
+
+def error_file(rejected: Path) -> Path:
+    """Where the error of a rejected inbox source is written."""
+    return rejected.with_name(f"{rejected.name}.error.json")
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -293,3 +293,96 @@ def test_ingest_validates_and_retrain_needs_a_champion(prefect_api, tmp_path):
         ingest_flow(str(tmp_path / "missing.zip"), str(tmp_path / "ws"))
     out = retrain_on_new_domains(str(tmp_path / "ws"))
     assert out["status"] == "no-champion" and "run the pipeline first" in out["message"]
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _tiny_domain(folder: Path, classes: int = 2, images: int = 2) -> Path:
+    """A single-domain folder source of a few 8x8 PNGs: `<folder>/<class>/<i>.png`."""
+    from PIL import Image
+
+    for c in range(classes):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(images):
+            Image.new("L", (8, 8), color=40 * c + 10 * i).save(folder / f"c{c}" / f"{i}.png")
+    return folder
+
+
+class _Touch:
+    """Unpickling this creates `path`: the stand-in for a planted payload's code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def _pickled_record(marker: Path) -> bytes:
+    """A Prefect result record that names the pickle serializer, as Prefect itself writes one."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    meta = ResultRecordMetadata(serializer=PickleSerializer(picklelib="pickle"))
+    return ResultRecord(metadata=meta, result=_Touch(marker)).serialize()
+
+
+@pytest.mark.parametrize("payload", ["record naming pickle", "bare pickle"])
+def test_a_planted_cached_result_never_runs(prefect_api, tmp_path, payload, capfd):
+    """A pickle planted under the next ingest's cache key is moved aside, never read: the ingest
+    recomputes (with a warning) and writes a plain JSON record in its place."""
+    import pickle
+
+    from prefect._internal.result_records import ResultRecord
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    from flows.flows import ingest_flow
+    from flows.tasks import cached_result_problem, ingest_cache_key
+
+    source, root, marker = _tiny_domain(tmp_path / "tiny"), tmp_path / "ws", tmp_path / "ran"
+    record = _pickled_record(marker) if payload != "bare pickle" else pickle.dumps(_Touch(marker))
+    # Armed: reading it the way Prefect would runs its code.
+    if payload == "bare pickle":
+        pickle.loads(record)
+    else:
+        ResultRecord.deserialize(record)
+    assert marker.exists()
+    marker.unlink()
+
+    key = ingest_cache_key({"root": str(root), "source": str(source)})
+    planted = Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / key
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(record)
+    report = ingest_flow(str(source), str(root))
+
+    assert not marker.exists()
+    assert [(d["name"], d["outcome"]) for d in report["domains"]] == [("tiny", "new")]
+    assert (planted.parent / "rejected" / key).read_bytes() == record
+    assert cached_result_problem(planted.read_bytes()) is None  # the recomputed result: JSON
+    assert f"ignored the cached result {planted}" in capfd.readouterr().err  # the run's log
+
+
+def test_a_bad_inbox_source_is_quarantined_and_the_rest_ingested(prefect_api, tmp_path):
+    from flows.flows import retrain_on_new_domains
+    from flows.workspace import Workspace
+
+    root, inbox = tmp_path / "ws", tmp_path / "inbox"
+    _tiny_domain(inbox / "tiny")
+    (inbox / "a-corrupt.zip").write_bytes(b"PK\x03\x04 not a zip" * 8)  # sorts first
+
+    out = retrain_on_new_domains(str(root), inbox=str(inbox))
+    assert out["status"] == "no-champion"  # the inbox is ingested before the champion is needed
+    assert [d.name for d in Workspace(root).store().domains()] == ["tiny"]
+    moved = inbox / "rejected" / "a-corrupt.zip"
+    assert out["rejected"] == [str(moved)] and moved.exists()
+    assert not (inbox / "a-corrupt.zip").exists()
+    error = json.loads((inbox / "rejected" / "a-corrupt.zip.error.json").read_text())
+    assert error["type"] == "IngestError" and "neither a folder nor a .zip" in error["error"]
+
+    # The next retrain does not trip over it; another bad file of that name keeps the first.
+    (inbox / "a-corrupt.zip").write_bytes(b"still not a zip")
+    again = retrain_on_new_domains(str(root), inbox=str(inbox))
+    assert again["rejected"] == [str(inbox / "rejected" / "a-corrupt-2.zip")]
+    assert moved.exists() and (inbox / "rejected" / "a-corrupt-2.zip.error.json").exists()
+    assert retrain_on_new_domains(str(root), inbox=str(inbox))["rejected"] == []

@@ -113,10 +113,19 @@ class _ServerRestarted(Exception):
         self.step = step
 
 
+BIND_ENV = "ANOLE_RAY_BIND"
+"""Where a local Ray listens: `loopback` (default: 127.0.0.1 only) or `all` (Ray's own default,
+every interface, for a local Ray that other machines join). A joined cluster is not affected."""
+
+_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
     """Use the connected Ray, else join `address` / $RAY_ADDRESS, else start a local Ray.
 
+    A local Ray listens on 127.0.0.1 only (see `BIND_ENV`) and keeps Ray's token authentication,
+    with the token file readable by its owner only (see `secure_auth_token`).
     Yields whether this call started the connection (and so shuts it down at the end).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -126,19 +135,104 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
         yield False
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    secure_auth_token()
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
+        with _bind(local_bind()):
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
     try:
         yield True
     finally:
         ray.shutdown()
+
+
+def local_bind() -> str:
+    """`BIND_ENV`'s value: loopback (the default) or all."""
+    value = os.environ.get(BIND_ENV, "").strip().lower() or "loopback"
+    if value not in ("loopback", "all"):
+        raise ConfigError(
+            f"{BIND_ENV}={value!r}: must be loopback (a local Ray listens on 127.0.0.1 only, the "
+            "default) or all (every interface, so other machines can join it)"
+        )
+    return value
+
+
+@contextmanager
+def _bind(bind: str) -> Iterator[None]:
+    """Start a local Ray's processes on loopback only, unless `bind` is "all".
+
+    Ray's servers listen on every interface unless the node's address is a loopback one, and on
+    Linux it swaps a loopback node address for the machine's own (cluster mode). Cluster mode off,
+    its default on macOS and Windows, keeps 127.0.0.1: for the processes ray.init starts (the
+    environment) and for this one (ray_constants read it at import).
+    """
+    if bind == "all":
+        yield
+        return
+    from ray._private import ray_constants
+
+    before_env, before = os.environ.get(_CLUSTER_MODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_MODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        # Ray's processes keep what they started with; a later join of a real cluster needs it on.
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(_CLUSTER_MODE_ENV, None)
+        else:
+            os.environ[_CLUSTER_MODE_ENV] = before_env
+
+
+def secure_auth_token() -> Path | None:
+    """Make Ray's token file owner-only (0600) before Ray reads it; return its path, if a file.
+
+    A local ray.init turns token authentication on and, when no token exists, writes
+    ~/.ray/auth_token with the umask's mode (0644: every local user could read it and so reach
+    the cluster). Anole creates that file 0600 first (a new token, as Ray would make it), and
+    tightens an existing one (also $RAY_AUTH_TOKEN_PATH's) it owns.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token":
+        return None  # authentication turned off explicitly: nothing to protect
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None  # the token is in the environment, not in a file
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named or Path.home() / ".ray" / "auth_token").expanduser()
+    if not path.exists():
+        if named:
+            return None  # Ray names the missing file in its own error
+        _create_token(path)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError as exc:  # e.g. a token owned by another user
+        log.warning("could not make %s owner-only (chmod 600 it): %s", path, exc)
+    return path
+
+
+def _create_token(path: Path) -> None:
+    """Write a new token to `path`, 0600 from the start, without replacing one written meanwhile."""
+    import secrets
+
+    from pipeline.atomic import atomic_write_bytes
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    atomic_write_bytes(tmp, secrets.token_hex(32).encode())  # 256 bits, Ray's own format
+    try:
+        os.chmod(tmp, 0o600)
+        os.link(tmp, path)  # fails if another process created the token first: keep that one
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shard_specs(specs: EpisodeSpecs, shards: int) -> list[EpisodeSpecs]:
