@@ -139,7 +139,7 @@ def ingest(
     if as_json:
         _emit(True, payload)
         return
-    for w in payload.get("warnings", []):
+    for w in report.warning_lines():  # the first few and a count: 100k bad files are not 100k lines
         _tagged("warning", "yellow", w)
     for d in payload.get("domains", []):
         typer.echo(
