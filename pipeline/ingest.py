@@ -339,7 +339,7 @@ def _over_total(source: Path, seen: int, files: int, limit: int) -> IngestError:
         f"the image files of {source} add up to {seen:,} bytes (counting {files} file(s)), over "
         f"the ingest limit of {limit:,} bytes; nothing was ingested. Raise the limit with "
         f"{MAX_INGEST_BYTES_ENV}=<bytes> (default {MAX_INGEST_BYTES:,}; K/M/G suffixes allowed), "
-        "or ingest one domain at a time with --domain."
+        "or ingest one domain at a time (domain= / --domain)."
     )
 
 
@@ -358,7 +358,7 @@ class _Entry:
     ref: Any = None
     """Whatever the source needs to read the file (ZipInfo or filesystem path)."""
     size: int = 0
-    """The file's size as the source lists it (a zip's header may lie; `read` checks)."""
+    """The file's size as the source listed it (it may have grown since: `read` checks)."""
 
 
 class _Source:
@@ -728,7 +728,12 @@ def scan_source(
         candidates.sort(key=lambda c: (c.domain, c.cls, c.entry.display))
         _check_class_names(candidates, cls_depth, src_path)
         # Refuse an oversized source from its listing, before reading a byte of it.
-        readable = [c.entry.size for c in candidates if c.entry.size <= MAX_IMAGE_BYTES]
+        readable = [
+            c.entry.size
+            for c in candidates
+            if c.entry.size <= MAX_IMAGE_BYTES
+            and c.entry.parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+        ]
         if sum(readable) > limit:
             raise _over_total(src_path, sum(readable), len(readable), limit)
         rows, invalid = _check_files(src, candidates, progress, limit)
@@ -775,8 +780,8 @@ def _check_files(
     src: _Source, candidates: list[_Candidate], progress: Progress | None, limit: int
 ) -> tuple[list[_Row], list[tuple[_Candidate, str]]]:
     """Read, hash and decode every candidate, one at a time; split into good rows and
-    (candidate, reason). IngestError once the bytes read pass `limit` (a zip's listed sizes
-    can lie)."""
+    (candidate, reason). IngestError once the bytes read pass `limit` (the listing checked
+    the listed sizes; a file may have grown since)."""
     rows: list[_Row] = []
     invalid: list[tuple[_Candidate, str]] = []
     total, read_bytes, read_files = len(candidates), 0, 0
