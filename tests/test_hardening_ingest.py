@@ -148,6 +148,21 @@ def test_total_bytes_cap_holds_when_listed_sizes_lie(store, tmp_path, monkeypatc
     assert store_hashes(store.root) == before
 
 
+def test_a_file_changed_between_check_and_write_is_refused(store, tmp_path):
+    # The write reads each file again: it must be the very bytes that were checked.
+    src = make_tree(tmp_path / "second", generic_files(domains=("second",)))
+    victim = src / "second" / "dog" / "img0.png"
+
+    def swap_when_checked(done: int, total: int) -> None:
+        if done == total:
+            victim.write_bytes(image_bytes(4242))
+
+    before = store_hashes(store.root)
+    with pytest.raises(IngestError, match=r"second/dog/img0\.png in .* changed while"):
+        store.ingest(src, progress=swap_when_checked)
+    assert store_hashes(store.root) == before
+
+
 # ----------------------------------------------------------------------------- symlinks
 
 
