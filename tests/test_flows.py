@@ -5,7 +5,9 @@ Sizes are tiny (hidden=8, a few steps, a few episodes) so the whole module takes
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +102,27 @@ def _is_png(path: str | Path) -> bool:
     return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _listening_sockets() -> set[tuple[str, str]]:
+    """(process name, address) of every listening TCP socket of this process and its children
+    (a local Ray's gcs_server, raylet, agents and workers are all started from here)."""
+    import psutil  # Ray's own copy: ray puts it on the path
+
+    me = psutil.Process()
+    found = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+            found |= {(proc.name(), c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # it exited meanwhile
+            continue
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -112,6 +135,12 @@ def test_main_job_end_to_end_on_ray_with_a_new_domain(prefect_api, zip1, tmp_pat
     job = dict(holdout=["Latin"], steps=3, retrain_steps=2, overrides=TINY, pools=POOLS, workers=1)
     with ray_session(None, 2):
         out = main_job(str(root), [str(zip1)], **job)
+        # The local Ray anole started listens on loopback only, and its token is owner-only.
+        listening = _listening_sockets()
+        assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+        assert all(_is_loopback(ip) for _, ip in listening), listening
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray/auth_token")
+        assert token.stat().st_mode & 0o777 == 0o600
 
     first, second = out["pipeline"], out["retrain"]
     # The first training: 3 train alphabets, 1 val, 1 test; it becomes the first champion.
