@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickletools
 import re
 import warnings
@@ -85,18 +86,37 @@ def _serialize(state: dict[str, Any]) -> bytes:
 
 
 def _write_pair(path: Path, payload: bytes, manifest: dict[str, Any]) -> Path:
-    """Write `payload` to `path` (.pt), then its manifest (.json), each atomically."""
-    atomic_write_bytes(path, payload)
+    """Write `payload` to `path` (.pt), then its manifest (.json), each atomically.
+
+    When either write fails (a full disk), what was there before is put back: nothing, or the
+    pair this one was replacing."""
+    backup = _link_aside(path) if path.with_suffix(".json").exists() else None
     try:
+        atomic_write_bytes(path, payload)
         atomic_write_json(
             path.with_suffix(".json"),
             {**manifest, "sha256": _sha256(payload), "bytes": len(payload), "file": path.name},
         )
     except BaseException:
-        # A payload without its manifest is never loaded; don't leave it behind either.
-        path.unlink(missing_ok=True)
+        if backup is not None:
+            os.replace(backup, path)  # the old payload again, matching the old manifest
+        else:  # a payload without its manifest is never loaded; don't leave it behind either
+            path.unlink(missing_ok=True)
         raise
+    if backup is not None:
+        backup.unlink(missing_ok=True)
     return path
+
+
+def _link_aside(path: Path) -> Path | None:
+    """A second name for the payload at `path` (a hard link: no copy), or None when impossible."""
+    backup = path.with_name(f".{path.name}.old")
+    try:
+        backup.unlink(missing_ok=True)
+        os.link(path, backup)
+    except OSError:  # no payload, or no hard links here: a failed rewrite then loses the old pair
+        return None
+    return backup
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], manifest: dict[str, Any]) -> Path:
@@ -377,6 +397,8 @@ class CheckpointDir:
             # Manifest first: a payload without a manifest is ignored, never half-trusted.
             self.step_path(step).with_suffix(".json").unlink(missing_ok=True)
             self.step_path(step).unlink(missing_ok=True)
+        for aside in self.root.glob(".*.pt.old"):  # left by a process killed mid-rewrite
+            aside.unlink(missing_ok=True)
         best = self._best_name()
         if best is None:  # no pointer (or an unreadable one): remove nothing it might need
             return

@@ -470,9 +470,12 @@ class Trainer:
             if saved_step != step:
                 last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + self._clock() - t0)
         elif step > start or last_ckpt is None:
-            if self.val_specs is not None and step % cfg.val_every != 0:
+            validated = self.val_specs is not None and step % cfg.val_every != 0
+            if validated:
                 best_val = self._validate(meta, step, history, None, best_val)
-            last_ckpt = self._save(meta, step, metrics, best_val, elapsed_before + self._clock() - t0)
+            if validated or saved_step != step:  # else the loop has just saved this very state
+                last_ckpt = self._save(meta, step, metrics, best_val,
+                                       elapsed_before + self._clock() - t0)
         best = self.checkpoints.best()
         return TrainResult(
             out_dir=self.out_dir,

@@ -251,26 +251,25 @@ def test_sigterm_stops_after_the_step_in_flight_and_checkpoints_it(tmp_path, ima
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 def test_ctrl_c_during_anole_train_checkpoints_and_resume_continues(tmp_path, omniglot_store):
     run = tmp_path / "run"
+    # No periodic checkpoint or validation: any checkpoint is the one Ctrl-C wrote.
     args = ["train", "--out", str(run), "--store", str(omniglot_store.root), "--json",
-            *(x for o in TINY for x in ("--set", o))]
-    proc = _cli(*args, "--steps", "100000")
-    first = run / "checkpoints" / "step-00000003.json"
+            *(x for o in TINY for x in ("--set", o)), "--set", "checkpoint_every=100000",
+            "--set", "val_every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300  # a guard against a hang, not a timing assertion
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while proc.poll() is None and time.monotonic() < deadline and (
+            not metrics.exists() or '"step": 1,' not in metrics.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # training, after step 1
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     stopped = json.loads(out)["step"]
-    assert stopped > 3 and CheckpointDir(run / "checkpoints").steps()[-1] == stopped
+    assert stopped >= 1 and CheckpointDir(run / "checkpoints").steps() == [stopped]
     assert f"SIGINT: stopped at step {stopped}" in err and "--resume --out" in err
     # A crash mid-append would have left a torn line: resume drops it with a warning.
     with open(run / "metrics.jsonl", "a") as f:
@@ -375,3 +374,14 @@ def test_a_full_disk_is_one_line_from_anole_train(run, omniglot_store, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_model(run).step == best
+
+
+def test_a_full_disk_while_rewriting_a_step_puts_the_old_pair_back(tmp_path, monkeypatch):
+    ckpts = CheckpointDir(tmp_path)
+    ckpts.save(3, _state(3), {"try": 1})
+    before = _hashes(tmp_path)
+    _fill_disk_at(monkeypatch, lambda name: name == "step-00000003.json")
+    with pytest.raises(DiskFullError, match="step-00000003.json"):
+        ckpts.save(3, _state(4), {"try": 2})
+    assert _hashes(tmp_path) == before
+    assert torch.equal(load_checkpoint(ckpts.step_path(3)).state["meta"]["w"], _state(3)["meta"]["w"])
