@@ -97,7 +97,8 @@ def run_main_job(
     sources = omniglot_sources(out / "downloads")
     t0 = time.perf_counter()
     set_progress_listener(progress)
-    # Task results (the ingestion and task-pool caches) live with the workspace they describe.
+    # Task results (the ingestion and task-pool caches) live with the workspace they describe,
+    # as JSON; a record there that is not plain JSON is never read (flows/tasks.py, _vetted).
     updates = {PREFECT_RESULTS_LOCAL_STORAGE_PATH: out / ".prefect-results"}
     try:
         with temporary_settings(updates=updates), _local_ray(workers):

@@ -55,6 +55,8 @@ def test_a_new_ray_token_is_owner_only_and_an_open_one_is_tightened(tmp_path, mo
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    assert secure_auth_token(create=False) is None  # joining a cluster: no token invented
+    assert not (tmp_path / ".ray").exists()
     token = secure_auth_token()
     assert token == tmp_path / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o777 == 0o600

@@ -135,7 +135,7 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
         yield False
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    secure_auth_token()
+    secure_auth_token(create=not address)  # a token made before a join would turn auth on
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
@@ -191,13 +191,13 @@ def _bind(bind: str) -> Iterator[None]:
             os.environ[_CLUSTER_MODE_ENV] = before_env
 
 
-def secure_auth_token() -> Path | None:
+def secure_auth_token(create: bool = True) -> Path | None:
     """Make Ray's token file owner-only (0600) before Ray reads it; return its path, if a file.
 
     A local ray.init turns token authentication on and, when no token exists, writes
     ~/.ray/auth_token with the umask's mode (0644: every local user could read it and so reach
-    the cluster). Anole creates that file 0600 first (a new token, as Ray would make it), and
-    tightens an existing one (also $RAY_AUTH_TOKEN_PATH's) it owns.
+    the cluster). Anole creates that file 0600 first (with `create`: a new token, as Ray would
+    make it), and tightens an existing one (also $RAY_AUTH_TOKEN_PATH's) that it owns.
     """
     if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token":
         return None  # authentication turned off explicitly: nothing to protect
@@ -206,8 +206,8 @@ def secure_auth_token() -> Path | None:
     named = os.environ.get("RAY_AUTH_TOKEN_PATH")
     path = Path(named or Path.home() / ".ray" / "auth_token").expanduser()
     if not path.exists():
-        if named:
-            return None  # Ray names the missing file in its own error
+        if named or not create:
+            return None  # Ray names a missing named file in its own error
         _create_token(path)
     try:
         if path.stat().st_mode & 0o077:
