@@ -42,6 +42,8 @@ MAX_INGEST_BYTES = 2 * 1024**3
 overrides it. Files are streamed, so this bounds the store's growth, not the ingest's memory."""
 MAX_INGEST_BYTES_ENV = "ANOLE_MAX_INGEST_BYTES"
 MAX_LISTED = 20
+_ERROR_LISTED = 3
+"""Invalid files named in the one-line error that refuses a source."""
 """How many offending files an error message names before summarising the rest."""
 MAX_REPORTED_WARNINGS = 1000
 """An `IngestReport` keeps this many warnings verbatim and only counts the rest."""
@@ -56,14 +58,16 @@ _BAD_NAME_CHARS = re.compile(r"[/\\=]")
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 """Controls (newline, ESC), format characters (bidi overrides, zero-width), lone surrogates
 (undecodable file names) and line/paragraph separators: they rewrite a terminal or a log."""
+_JOINERS = frozenset("\u200c\u200d")
+"""Zero-width non-joiner and joiner: format characters, but ordinary in Persian words and in
+emoji, and they move no text: allowed."""
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 LAYOUT_HELP = (
-    "anole accepts two layouts (a single wrapper folder around either is fine):\n"
-    "  multi-domain:  <source>/<domain>/<class>/<image>.png|jpg|jpeg   "
-    "(Omniglot: <alphabet>/<character>/<id>.png)\n"
-    "  single-domain: <source>/<class>/<image>.png|jpg|jpeg            "
-    "(domain named by --domain or the source name)"
+    "anole accepts a multi-domain source, <source>/<domain>/<class>/<image> (Omniglot: "
+    "<alphabet>/<character>/<id>.png), or a single-domain one, <source>/<class>/<image> (the "
+    "domain named by --domain or the source's name), as "
+    ".png/.jpg/.jpeg, optionally inside one wrapper folder"
 )
 
 SCHEMA = pa.schema(
@@ -277,9 +281,13 @@ def sample_id(domain: str, cls: str, digest: str) -> str:
     return hashlib.sha256(f"{domain}\x00{cls}\x00{digest}".encode()).hexdigest()[:16]
 
 
+def _is_control(ch: str) -> bool:
+    return unicodedata.category(ch) in _CONTROL_CATEGORIES and ch not in _JOINERS
+
+
 def has_control_chars(text: str) -> bool:
     """Whether `text` holds a control or format character (see `_CONTROL_CATEGORIES`)."""
-    return any(unicodedata.category(ch) in _CONTROL_CATEGORIES for ch in text)
+    return any(map(_is_control, text))
 
 
 def printable(text: str) -> str:
@@ -289,7 +297,7 @@ def printable(text: str) -> str:
         return text
     return "".join(
         ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-        if unicodedata.category(ch) in _CONTROL_CATEGORIES
+        if _is_control(ch)
         else ch
         for ch in text
     )
@@ -564,7 +572,7 @@ class _Layout:
 def _detect_layout(images: list[_Entry], source: Path) -> _Layout:
     """Find the wrapper depth and whether the source holds several domains or one."""
     if not images:
-        raise LayoutError(f"no .png/.jpg/.jpeg images found in {source}.\n{LAYOUT_HELP}")
+        raise LayoutError(f"no .png/.jpg/.jpeg images found in {source}. {LAYOUT_HELP}.")
     depths = {len(e.parts) for e in images}
     prefix = 0
     # Descend through wrappers: all images deeper than domain/class/image under one folder.
@@ -583,7 +591,7 @@ def _detect_layout(images: list[_Entry], source: Path) -> _Layout:
         )
         raise LayoutError(
             f"images in {source} sit at mixed depths, e.g. {examples}. Move them so every image "
-            f"is at the same depth.\n{LAYOUT_HELP}"
+            f"is at the same depth. {LAYOUT_HELP}."
         )
     depth = depths.pop() - prefix
     if depth == 3:
@@ -594,11 +602,11 @@ def _detect_layout(images: list[_Entry], source: Path) -> _Layout:
     if depth == 1:
         raise LayoutError(
             f"images in {source} are not in class folders (e.g. {example}); put each class's "
-            f"images in a folder named after the class.\n{LAYOUT_HELP}"
+            f"images in a folder named after the class. {LAYOUT_HELP}."
         )
     raise LayoutError(
         f"images in {source} are {depth - 1} folders deep under more than one top folder "
-        f"(e.g. {example}); expected <domain>/<class>/<image>.\n{LAYOUT_HELP}"
+        f"(e.g. {example}); expected <domain>/<class>/<image>. {LAYOUT_HELP}."
     )
 
 
@@ -836,11 +844,12 @@ def _assemble(
 ) -> ScannedSource:
     """Apply the invalid-file policy, drop duplicates, check class sizes, build tables."""
     if invalid and not skip_invalid:
-        listed = "\n".join(f"  {c.entry.display}: {why}" for c, why in invalid[:MAX_LISTED])
-        more = f"\n  ... and {len(invalid) - MAX_LISTED} more" if len(invalid) > MAX_LISTED else ""
+        # One line: the first few files name the problem; --skip-invalid lists them all.
+        listed = "; ".join(f"{c.entry.display}: {why}" for c, why in invalid[:_ERROR_LISTED])
+        more = f" (and {len(invalid) - _ERROR_LISTED} more)" if len(invalid) > _ERROR_LISTED else ""
         raise IngestError(
-            f"{len(invalid)} invalid file(s) in {src_path}; nothing was ingested:\n{listed}{more}\n"
-            "Remove or replace these files, or pass skip_invalid=True (--skip-invalid) to skip them."
+            f"{len(invalid)} invalid file(s) in {src_path}, e.g. {listed}{more}; nothing was "
+            "ingested: remove or replace them, or pass --skip-invalid (skip_invalid=True) to skip them with a warning"
         )
     skipped: dict[str, int] = {}
     for c, why in invalid:
@@ -898,7 +907,7 @@ def _assemble(
     if not domains:
         raise IngestError(
             f"no valid images left to ingest from {src_path} (all {files_seen} candidate files "
-            f"were invalid or filtered).\n{LAYOUT_HELP}"
+            f"were invalid or filtered). {LAYOUT_HELP}."
         )
     # Callers print the report's warnings themselves (logging them here too printed each one
     # twice); keep a bounded list, so 100k bad files make a count, not 100k strings.

@@ -213,8 +213,9 @@ def test_many_invalid_files_listed_compactly(tmp_path):
     files = generic_files()
     for i in range(30):
         files[f"photos/cat/bad{i:02d}.png"] = b"x"
-    with pytest.raises(IngestError, match=r"(?s)30 invalid file\(s\).*and 10 more"):
+    with pytest.raises(IngestError, match=r"30 invalid file\(s\).*\(and 27 more\)") as err:
         scan_source(make_tree(tmp_path / "src", files))
+    assert "\n" not in str(err.value)  # the CLI prints it as one line
 
 
 def test_empty_class_folder_warned_and_skipped(tmp_path):
