@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, disk_full, is_disk_full
 from .checkpoint import Checkpoint, CheckpointDir
 from .config import TrainConfig
 from .episodes import Episodes
@@ -673,9 +673,13 @@ def stop_on_signals(trainer: Trainer, notify: Callable[[str], None] | None = Non
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
-    """Append one record to the run's metrics.jsonl."""
-    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record to the run's metrics.jsonl (a torn append is dropped on resume)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise (disk_full(path) if is_disk_full(exc) else exc) from None
 
 
 def read_history(out_dir: Path, upto: int) -> list[dict[str, Any]]:

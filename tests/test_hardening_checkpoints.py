@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -29,7 +30,6 @@ from pipeline.config import config_for
 from pipeline.errors import CheckpointError, DiskFullError
 from pipeline.scoring import load_model
 from pipeline.train import Trainer, read_history, stop_on_signals
-from conftest import TINY
 
 STEPS = 6  # the base run: checkpoints at 3 and 6 (tiny's checkpoint_every=3)
 
@@ -385,3 +385,20 @@ def test_a_full_disk_while_rewriting_a_step_puts_the_old_pair_back(tmp_path, mon
         ckpts.save(3, _state(4), {"try": 2})
     assert _hashes(tmp_path) == before
     assert torch.equal(load_checkpoint(ckpts.step_path(3)).state["meta"]["w"], _state(3)["meta"]["w"])
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    from pipeline.train import append_metrics
+
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(DiskFullError, match="metrics.jsonl; nothing was lost"):
+        append_metrics(tmp_path, {"step": 1})
