@@ -328,7 +328,11 @@ def train(
     except KeyboardInterrupt:
         if workers > 0:
             raise
-        _interrupted(f"stopped at once; the checkpoints already in {out / 'checkpoints'} are intact", again)
+        from pipeline.checkpoint import CheckpointDir
+
+        done = CheckpointDir(out / "checkpoints").steps()
+        _interrupted(f"stopped at once; its checkpoints up to step {done[-1]} are intact" if done
+                     else "stopped at once, before its first checkpoint", again)
     _emit(as_json, result, _train_summary(result))
     if result.get("interrupted"):
         _interrupted(f"{result['interrupted']}: stopped at step {result['step']} and saved "
