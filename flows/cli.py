@@ -101,17 +101,21 @@ class _Progress:
 
 
 def _guard(fn):
-    """Turn AnoleError into a one-line message and exit code 2, instead of a traceback."""
+    """Turn AnoleError into a one-line message and exit code 2, instead of a traceback; and the
+    pipeline's warnings (a checkpoint fallen back from, a torn metrics line) into `warning:` lines."""
     import functools
+    import warnings
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.errors import AnoleError
 
-        try:
-            return fn(*args, **kwargs)
-        except AnoleError as exc:
-            _fail(str(exc))
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_: _tagged("warning", "yellow", str(message))
+            try:
+                return fn(*args, **kwargs)
+            except AnoleError as exc:
+                _fail(str(exc))
 
     return wrapper
 
