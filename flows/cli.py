@@ -306,8 +306,8 @@ def train(
 ) -> None:
     """Meta-train a learner on the store's domains, checkpointing as it goes.
 
-    In this process (--workers 0), Ctrl-C or SIGTERM finishes the step in flight, checkpoints
-    it and exits 130 saying how to resume; a second Ctrl-C exits at once."""
+    Ctrl-C or SIGTERM finishes the step in flight, checkpoints it and exits 130 saying how to
+    resume; a second Ctrl-C exits at once."""
     from pipeline.config import TrainConfig, config_for, field_docs
     from pipeline.errors import ConfigError
 
@@ -325,13 +325,13 @@ def train(
              *(x for s in set_ or [] for x in ("--set", s)),
              *(["--minutes", str(minutes)] if minutes is not None else []),
              *(["--steps", str(steps)] if steps is not None else []),
-             *(["--store", str(store)] if store else []), "--resume", "--out", str(out)]
+             *(["--store", str(store)] if store else []),
+             *(["--workers", str(workers)] if workers else []),
+             *(["--ray-address", ray_address] if ray_address else []), "--resume", "--out", str(out)]
     try:
         result = _train(cfg, out, store, resume=resume, overwrite=overwrite, workers=workers,
                         ray_address=ray_address, quiet=as_json)
     except KeyboardInterrupt:
-        if workers > 0:
-            raise
         from pipeline.checkpoint import CheckpointDir
 
         done = CheckpointDir(out / "checkpoints").steps()
@@ -364,22 +364,24 @@ def _train(cfg, out: Path, store: Path | None, *, resume: bool, overwrite: bool,
     if overwrite and clear_run(out):  # only now: a bad flag or store above leaves the run as it was
         _tagged("warning", "yellow", f"--overwrite: cleared the earlier run in {out}")
     with _Progress(f"train {cfg.learner}", enabled=not quiet) as bar:
-        if workers > 0:
-            from workers.driver import train_distributed
+        from pipeline.train import stop_on_signals
 
-            result = train_distributed(cfg, images, out, workers=workers, address=ray_address,
-                                       resume=resume, progress=bar)
+        if workers > 0:
+            from workers.driver import DistributedTrainer
+
+            trainer = DistributedTrainer(cfg, images, out, workers=workers, address=ray_address,
+                                         progress=bar)
         else:
-            from pipeline.train import Trainer, stop_on_signals
+            from pipeline.train import Trainer
 
             trainer = Trainer(cfg, images, out, progress=bar)
 
-            def stopping(name: str) -> None:
-                _tagged("warning", "yellow", f"{name}: finishing the step in flight, then saving a "
-                        "checkpoint (press Ctrl-C again to stop at once)")
+        def stopping(name: str) -> None:
+            _tagged("warning", "yellow", f"{name}: finishing the step in flight, then saving a "
+                    "checkpoint (press Ctrl-C again to stop at once)")
 
-            with stop_on_signals(trainer, stopping):
-                result = trainer.run(resume=resume)
+        with stop_on_signals(trainer, stopping):
+            result = trainer.run(resume=resume)
     return result.to_dict()
 
 

@@ -344,7 +344,23 @@ class TrainResult:
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
-class Trainer:
+class Stoppable:
+    """A training loop that can be asked, from a signal handler, to stop after the step in
+    flight and checkpoint there (`stop_on_signals`): the Trainer and the Ray driver alike."""
+
+    stop_reason: str | None = None
+    """Why to stop after the step in flight (the signal's name), or None."""
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop after the step in flight and checkpoint there (safe from a signal handler)."""
+        self.stop_reason = reason
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
+
+class Trainer(Stoppable):
     """Runs a meta-training loop in this process, resumable from its checkpoints."""
 
     def __init__(self, config: TrainConfig, images: ImageSet, out_dir: str | Path, *,
@@ -361,15 +377,6 @@ class Trainer:
         self.val_specs = validation_specs(self.data)
         self._new_best = False  # the last validation beat the best so far: save as best
         self._val_seconds = 0.0  # the last validation's duration, for the budget's step count
-        self._stop: str | None = None  # why to stop after the step in flight (request_stop)
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Stop after the step in flight and checkpoint there (safe from a signal handler)."""
-        self._stop = reason
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop is not None
 
     # Checkpoint payload and manifest.
     def _manifest(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +438,7 @@ class Trainer:
                 self._new_best = False
             while step < meta.total_steps:
                 # A stop request (Ctrl-C) lets the step in flight finish, then ends here.
-                if self._stop is not None:
+                if self.stop_requested:
                     break
                 if budget and elapsed_before + self._clock() - t0 > budget:
                     break
@@ -464,7 +471,7 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-        if self._stop is not None:
+        if self.stop_requested:
             # Interrupted: checkpoint the last finished step as it is; no final validation, the
             # user is waiting (and validation never changes the training path).
             if saved_step != step:
@@ -487,7 +494,7 @@ class Trainer:
             seconds=self._clock() - t0,
             tasks_per_second=tasks_done / train_seconds if train_seconds else 0.0,
             history=history,
-            interrupted=self._stop,
+            interrupted=self.stop_reason,
         )
 
     # --- pieces of the loop ---
@@ -643,7 +650,7 @@ def clear_run(out_dir: str | Path) -> list[str]:
 
 
 @contextmanager
-def stop_on_signals(trainer: Trainer, notify: Callable[[str], None] | None = None) -> Iterator[None]:
+def stop_on_signals(trainer: Stoppable, notify: Callable[[str], None] | None = None) -> Iterator[None]:
     """While inside: the first SIGINT or SIGTERM asks `trainer` to stop after the step in flight
     (it then writes a checkpoint there) and calls `notify(signal name)`; a second raises
     KeyboardInterrupt at once. The previous handlers are restored on exit.

@@ -251,12 +251,9 @@ def test_sigterm_stops_after_the_step_in_flight_and_checkpoints_it(tmp_path, ima
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-def test_ctrl_c_during_anole_train_checkpoints_and_resume_continues(tmp_path, omniglot_store):
-    run = tmp_path / "run"
-    # No periodic checkpoint or validation: any checkpoint is the one Ctrl-C wrote.
-    args = ["train", "--out", str(run), "--store", str(omniglot_store.root), "--json",
-            *(x for o in TINY for x in ("--set", o)), "--set", "checkpoint_every=100000",
-            "--set", "val_every=100000"]
+def _interrupt_anole_train(run: Path, args: list[str]) -> tuple[dict, str]:
+    """Start `anole train ARGS` for ever, send SIGINT once step 1 is logged; its JSON result and
+    stderr, after checking what every interrupted run must show."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--steps", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
@@ -268,9 +265,24 @@ def test_ctrl_c_during_anole_train_checkpoints_and_resume_continues(tmp_path, om
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    stopped = json.loads(out)["step"]
+    result = json.loads(out)
+    stopped = result["step"]
     assert stopped >= 1 and CheckpointDir(run / "checkpoints").steps() == [stopped]
     assert f"SIGINT: stopped at step {stopped}" in err and "--resume --out" in err
+    return result, err
+
+
+def _ctrl_c_args(run: Path, store: Path) -> list[str]:
+    # No periodic checkpoint or validation: any checkpoint is the one Ctrl-C wrote.
+    return ["train", "--out", str(run), "--store", str(store), "--json",
+            *(x for o in TINY for x in ("--set", o)), "--set", "checkpoint_every=100000",
+            "--set", "val_every=100000"]
+
+
+def test_ctrl_c_during_anole_train_checkpoints_and_resume_continues(tmp_path, omniglot_store):
+    run = tmp_path / "run"
+    args = _ctrl_c_args(run, omniglot_store.root)
+    stopped = _interrupt_anole_train(run, args)[0]["step"]
     # A crash mid-append would have left a torn line: resume drops it with a warning.
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 99')
@@ -280,6 +292,17 @@ def test_ctrl_c_during_anole_train_checkpoints_and_resume_continues(tmp_path, om
     assert json.loads(resumed.stdout)["step"] == stopped + 2
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").open())]
     assert steps == sorted(steps) and steps[-1] == stopped + 2
+
+
+def test_ctrl_c_during_distributed_anole_train_checkpoints_every_applied_step(tmp_path,
+                                                                             omniglot_store):
+    run = tmp_path / "run"
+    args = [*_ctrl_c_args(run, omniglot_store.root), "--workers", "2"]
+    result, err = _interrupt_anole_train(run, args)
+    assert "--workers 2 --resume" in err
+    # The parameter server applied each step once, and the checkpoint holds the last of them.
+    assert result["counters"]["applied"] == result["step"]
+    assert result["counters"]["duplicates"] == 0
 
 
 # --- 6. evaluate: every broken checkpoint is one clear line ---------------------------------------

@@ -37,6 +37,7 @@ from pipeline.images import ImageSet
 from pipeline.tasks import DomainSplit, EpisodeSpecs
 from pipeline.train import (
     ProgressFn,
+    Stoppable,
     TrainingData,
     TrainResult,
     check_compatible,
@@ -241,7 +242,7 @@ def shard_specs(specs: EpisodeSpecs, shards: int) -> list[EpisodeSpecs]:
     return [specs[int(a) : int(b)] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-class DistributedTrainer:
+class DistributedTrainer(Stoppable):
     """One distributed run. `run()` trains; while it runs, `server` and `workers` are the actors."""
 
     def __init__(
@@ -444,7 +445,8 @@ class DistributedTrainer:
             self._run_sync(status.step)
         else:
             self._run_async(status.step)
-        summary = self._server_get(self.server.finish.remote())
+        # Stopped by a signal: checkpoint where it is, without the final validation's wait.
+        summary = self._server_get(self.server.finish.remote(validate=not self.stop_requested))
         _, flat = ray.get(self.server.snapshot.remote())
         counters = summary["counters"]
         return DistributedResult(
@@ -474,7 +476,12 @@ class DistributedTrainer:
             resources=self.plan.to_dict() if self.plan else {},
             worker_info=[i.to_dict() for i in self.worker_info if i is not None],
             final_params=np.array(flat),
+            interrupted=self.stop_reason,
         )
+
+    def _running(self, step: int) -> bool:
+        """Whether to take another step: steps and budget left, and no stop asked for."""
+        return step < self._total and not self._over_budget() and not self.stop_requested
 
     def _over_budget(self) -> bool:
         return (
@@ -503,7 +510,7 @@ class DistributedTrainer:
 
     # sync ------------------------------------------------------------------------------------
     def _run_sync(self, step: int) -> None:
-        while step < self._total and not self._over_budget():
+        while self._running(step):
             try:
                 step = self._sync_step(step)
             except _ServerRestarted as restart:
@@ -558,7 +565,7 @@ class DistributedTrainer:
         pending: dict[Any, tuple[int, int, Any]] = {}
         snap, flat_ref = None, None
         last_applied = time.perf_counter()
-        while step < self._total and not self._over_budget():
+        while self._running(step):
             try:
                 if snap is None:
                     snap, flat_ref = self._snapshot()

@@ -318,11 +318,12 @@ class ParameterServer:
         )
 
     # --- bookkeeping (the Trainer's, step for step) -------------------------------------------
-    def finish(self) -> dict[str, Any]:
-        """End the run as the Trainer does: final validation and checkpoint; where things are."""
+    def finish(self, validate: bool = True) -> dict[str, Any]:
+        """End the run as the Trainer does: final validation (unless not `validate`: a run
+        stopped by a signal) and checkpoint; where things are."""
         self._check_open()
         if self.step > self.start or self.last_ckpt is None:
-            if self.val_specs is not None and self.step % self.config.val_every != 0:
+            if validate and self.val_specs is not None and self.step % self.config.val_every != 0:
                 self._validate(self.step, log=False)
             self._save()
         if self.writer is not None:
