@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -392,6 +393,10 @@ class ServerKiller:
             self._watch_until_stopped()
         except BaseException as exc:  # noqa: BLE001 - handed to the test by close()
             self._error = exc
+            try:  # never leave a frozen server behind: the run would wait for it
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _watch_until_stopped(self) -> None:
         while not self._stop.is_set():
@@ -409,7 +414,8 @@ class ServerKiller:
         while not self._stop.is_set() and self._acked == acked:
             try:
                 state, cpu_ns = main_thread_sample(pid)
-            except FileNotFoundError:
+            except FileNotFoundError:  # that server died: wait for the next progress report
+                time.sleep(0.01)
                 return
             streak = streak + [cpu_ns] if state == "R" else []
             if len(streak) >= 3 and streak[-1] - streak[0] >= 2_000_000:
@@ -418,8 +424,9 @@ class ServerKiller:
         else:
             return
         freeze(pid)
-        logged = [json.loads(line)["step"] for line in (self.run / "metrics.jsonl").open()]
-        if max(logged) <= acked:  # validating step acked + 1: its record not yet written
+        text = (self.run / "metrics.jsonl").read_text()
+        # Validating step acked + 1: its record not yet written (nor half-written: frozen mid-append).
+        if text.endswith("\n") and max(json.loads(r)["step"] for r in text.splitlines()) <= acked:
             self._kill("push", f"validating step {acked + 1}; metrics.jsonl up to step {acked}")
             self._acked = None
             self._next_server(pid)
@@ -434,6 +441,8 @@ class ServerKiller:
         for _, path in self._inotify.events(timeout=0.05):
             if not (path.name.startswith(".step-") and path.name.endswith(".tmp")):
                 continue
+            if not path.exists():  # already renamed: no need to stop the server to know
+                continue
             freeze(self.pid)
             if path.exists():
                 self._kill("save", f"writing {path.name}")
@@ -442,21 +451,25 @@ class ServerKiller:
             os.kill(self.pid, signal.SIGCONT)  # the write was over: wait for the next one
 
     def _next_server(self, killed: int) -> None:
-        """Wait for Ray to restart the server (its first save comes before any progress report).
-
-        No deadline of its own: the driver gives up on a server that does not come back."""
-        from ray.exceptions import GetTimeoutError, RayActorError
+        """Learn the pid of the server Ray restarts: at once, as its first save comes before any
+        progress report. A call to a restarting actor fails only after a while, so a new call
+        goes out every 20 ms and the first answer wins. No deadline of its own: the driver
+        gives up on a server that does not come back."""
+        from ray.exceptions import RayActorError
 
         self._inotify.drain()  # events of the dead server
+        calls: list[Any] = []
         while not self._stop.is_set():
-            try:
-                pid = ray.get(self.trainer.server.pid.remote(), timeout=5)
-            except (RayActorError, GetTimeoutError):  # still restarting
-                time.sleep(0.05)
-                continue
-            if pid != killed:
-                self.pid = pid
-                return
+            calls.append(self.trainer.server.pid.remote())
+            answered, calls = ray.wait(calls, num_returns=len(calls), timeout=0.02)
+            for call in answered:
+                try:
+                    pid = ray.get(call)
+                except RayActorError:  # sent while it was restarting
+                    continue
+                if pid != killed:
+                    self.pid = pid
+                    return
 
 
 def test_killed_parameter_server_mid_push_mid_save_and_between_steps_loses_nothing(
