@@ -14,6 +14,7 @@ ever slows a run down, so "best" estimates the unloaded figure).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -26,9 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.episodes import Episodes  # noqa: E402
-from pipeline.learners import LEARNERS, make_learner  # noqa: E402
-from pipeline.learners.maml import MAMLConfig  # noqa: E402
-from pipeline.learners.reptile import ReptileConfig  # noqa: E402
+from pipeline.learners import make_learner, registry  # noqa: E402
 
 
 def random_episodes(
@@ -47,17 +46,26 @@ def random_episodes(
     )
 
 
+def learner_settings(name: str, args: argparse.Namespace) -> dict[str, object]:
+    """The benchmark's settings of learner `name`'s own config: its config class's defaults
+    (Reptile: 5 inner Adam steps; MAML, FOMAML: 1 SGD step), then --inner-steps for every
+    learner with inner steps, then the `--set NAME.FIELD=VALUE` given for it."""
+    fields = {f.name: f for f in dataclasses.fields(registry.config_class(name))}
+    settings: dict[str, object] = {}
+    if args.inner_steps is not None and "inner_steps" in fields:
+        settings["inner_steps"] = args.inner_steps
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        learner, _, field = key.partition(".")
+        if learner == name:
+            settings[field] = value
+    return settings
+
+
 def bench_one(name: str, args: argparse.Namespace, episodes: Episodes) -> dict[str, object]:
-    if name == "reptile":
-        config: object = ReptileConfig(
-            inner_steps=args.reptile_steps, inner_optimizer=args.reptile_optimizer
-        )
-        steps: int | None = args.reptile_steps
-    elif name in ("maml", "fomaml"):
-        config = MAMLConfig(inner_steps=args.inner_steps)
-        steps = args.inner_steps
-    else:
-        config, steps = None, None
+    cls = registry.config_class(name)
+    config = cls.from_dict(learner_settings(name, args), source="--set", learner=name)
+    steps = getattr(config, "inner_steps", None)
     torch.manual_seed(0)
     learner = make_learner(
         name,
@@ -91,9 +99,7 @@ def bench_one(name: str, args: argparse.Namespace, episodes: Episodes) -> dict[s
     return {
         "learner": name,
         "inner_steps": steps,
-        "inner_optimizer": args.reptile_optimizer
-        if name == "reptile"
-        else ("sgd" if steps else None),
+        "inner_optimizer": getattr(config, "inner_optimizer", "sgd" if steps else None),
         "backend": args.backend,
         "batched_s_per_iter": batched,
         "naive_s_per_iter": naive,
@@ -110,7 +116,7 @@ def bench_one(name: str, args: argparse.Namespace, episodes: Episodes) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--learners", default=",".join(LEARNERS), help="comma-separated names")
+    parser.add_argument("--learners", default=",".join(registry.names()), help="comma-separated names")
     parser.add_argument("--iters", type=int, default=5, help="timed meta-iterations per path")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tasks", type=int, default=32, help="meta-batch size")
@@ -120,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--inner-steps", type=int, default=1, help="MAML / FOMAML inner steps")
-    parser.add_argument("--reptile-steps", type=int, default=5)
-    parser.add_argument("--reptile-optimizer", choices=("sgd", "adam"), default="adam")
+    parser.add_argument(
+        "--inner-steps", type=int, default=None,
+        help="inner steps of every learner that has them (default: each learner config's own: "
+        "Reptile 5 Adam steps, MAML and FOMAML 1 SGD step)",
+    )
+    parser.add_argument(
+        "--set", action="append", metavar="NAME.FIELD=VALUE",
+        help="a field of one learner's config, e.g. reptile.inner_optimizer=sgd (repeatable)",
+    )
     parser.add_argument("--backend", choices=("grouped", "vmap"), default="grouped")
     parser.add_argument(
         "--chunk",

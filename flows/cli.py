@@ -228,12 +228,14 @@ def evaluate(
     bn_mode: Annotated[str | None, typer.Option(help="transductive, per_image or support (default: the checkpoint's).")] = None,
     views: Annotated[int | None, typer.Option(help="Test-time views per episode (default: the checkpoint's eval_views; 1: none).")] = None,
     refine_steps: Annotated[int | None, typer.Option(help="ProtoNets: soft k-means prototype refinement steps, transductive mode only (default: the checkpoint's; 0: none).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the checkpoint's device setting; auto: cuda when available).")] = None,
     seed: int = 0,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a checkpoint or a baseline on Lake's one-shot runs and/or held-out alphabets."""
     from pipeline.config import check_values, rule_of
+    from pipeline.errors import ConfigError
 
     if not runs and ways is None:
         _fail("give --runs DIR (one-shot runs) and/or --ways N with --checkpoint (held-out alphabets)")
@@ -246,7 +248,8 @@ def evaluate(
         ("--queries", queries, rule_of("queries")),
         ("--episodes", episodes, rule_of("val_episodes")),
         ("--views", views, rule_of("eval_views")),
-        ("--refine-steps", refine_steps, rule_of("refine_steps")),
+        ("--refine-steps", refine_steps, rule_of("learner.refine_steps")),
+        ("--device", device, rule_of("device")),
         ("--bn-mode", bn_mode, rule_of("bn_mode")),
         ("--seed", seed, rule_of("seed")),
     ])
@@ -262,11 +265,17 @@ def evaluate(
     model = scoring.load_model(checkpoint)
     if views is not None:
         model.config = model.config.replace(eval_views=views)
+    if device is not None:
+        model.config = model.config.replace(device=device)
+    overrides = model.learner_class.evaluation_overrides  # the learner's evaluation-time knobs
     if refine_steps is not None:
-        model.config = model.config.replace(refine_steps=refine_steps)
+        if "refine_steps" not in overrides:
+            raise ConfigError(f"--refine-steps: learner {model.config.learner!r} has no "
+                              "refine_steps (only learners with prototype refinement do)")
+        model.config = model.config.with_learner(refine_steps=refine_steps)
     result["views"] = model.config.eval_views
-    if model.config.learner == "protonet":
-        result["refine_steps"] = model.config.refine_steps
+    for name in overrides:
+        result[name] = getattr(model.config.learner_config, name)
     if run_dirs:
         scores = scoring.score_oneshot(model, run_dirs, bn_mode=bn_mode)
         result["oneshot"] = scores.to_dict()
@@ -290,9 +299,9 @@ def evaluate(
 @app.command()
 @_guard
 def train(
-    learner: Annotated[str | None, typer.Option(help="protonet, reptile, fomaml or maml (default: protonet).")] = None,
+    learner: Annotated[str | None, typer.Option(help="A registered learner: protonet, reptile, maml or fomaml (default: protonet; --help-config lists each one's fields).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value, or learner.key=value for the learner's own (repeatable).")] = None,
     minutes: Annotated[float | None, typer.Option(help="Time budget; replaces the step count.")] = None,
     steps: Annotated[int | None, typer.Option(help="Meta-updates to run.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, TensorBoard logs.")] = Path("anole-runs/latest"),
@@ -308,13 +317,11 @@ def train(
 
     Ctrl-C or SIGTERM finishes the step in flight, checkpoints it and exits 130 saying how to
     resume; a second Ctrl-C exits at once."""
-    from pipeline.config import TrainConfig, config_for, field_docs
+    from pipeline.config import config_for, help_text
     from pipeline.errors import ConfigError
 
     if help_config:
-        defaults = TrainConfig().to_dict()
-        for name, doc in field_docs().items():
-            typer.echo(f"{name} = {defaults[name]!r}\n    {doc}")
+        typer.echo(help_text())
         return
     if resume and overwrite:
         raise ConfigError(f"--resume continues the run in {out} and --overwrite clears it: give one")

@@ -87,6 +87,7 @@ def _workspace_config(
 ) -> WorkspaceConfig:
     """The workspace's fixed split and settings, created on first use."""
     from pipeline.tasks import split_domains
+    from pipeline.train import learner_class
 
     with ws.locked():
         existing = ws.read_config()
@@ -97,7 +98,7 @@ def _workspace_config(
             "channels": cfg.channels,
             "invert": cfg.invert,
             # Learners with a classifier head score at most that many ways.
-            **({} if cfg.learner == "protonet" else {"ways": min(PoolSettings().ways, cfg.ways)}),
+            **({"ways": min(PoolSettings().ways, cfg.ways)} if learner_class(cfg).has_head else {}),
             **(pools or {}),
         }
         created = WorkspaceConfig(
@@ -255,7 +256,7 @@ def retrain_on_new_domains(
         raise ConfigError(f"{ws.config_file} is missing; run the pipeline on this workspace first")
     split = _current_split(ws, wcfg)
     budget = {"steps": steps, "minutes": 0.0} if steps else {"minutes": minutes}
-    cfg = TrainConfig.from_dict({**champion["config"], **budget})
+    cfg = TrainConfig.from_saved({**champion["config"], **budget})
     pool = _build_pools(root, data_version, split.to_dict(), _asdict(wcfg.pools))
     checkpoint = meta_train(
         root,

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import settings
 from pipeline.atomic import atomic_write_json
-from pipeline.config import LEARNERS, OneOf, Range, check_values
+from pipeline.config import OneOf, Range, check_values, learner_names
 from pipeline.errors import AnoleError
 
 
@@ -44,7 +44,7 @@ def check_args(out: Path, *, minutes: float, learner: str | None, workers: int |
     no ingestion), each named with the value given."""
     check_values([
         ("--minutes", minutes, Range(gt=0)),
-        ("--learner", learner, OneOf(LEARNERS)),
+        ("--learner", learner, OneOf(learner_names())),
         ("--workers", workers, Range(ge=0)),
     ])
     out = Path(out).expanduser()

@@ -388,7 +388,7 @@ def meta_train(
 
     logger = get_run_logger()
     ws = Workspace(root)
-    cfg = TrainConfig.from_dict(config)
+    cfg = TrainConfig.from_saved(config)
     parts = DomainSplit.from_dict(split)
     init_sha = checkpoint_sha(init_checkpoint) if init_checkpoint else None
     name = run_name_for(cfg.to_dict(), parts.to_dict(), data_version, init_sha)
@@ -629,7 +629,8 @@ def _score_model(model, cfg, store, learner, cache: Path, pools, oneshot: bool) 
 
     from pipeline.train import augment_ranges, episode_predictor
 
-    predict = episode_predictor(learner, model.params, bn_mode=cfg.bn_mode, views=cfg.eval_views,
+    predict = episode_predictor(learner, model.params, bn_mode=cfg.bn_mode, device=model.device,
+                                views=cfg.eval_views,
                                 augment=augment_ranges(cfg))
 
     def cached(name: str, compute) -> dict[str, Any]:

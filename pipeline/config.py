@@ -2,7 +2,14 @@
 
 Load it from YAML and `key=value` overrides:
 
-    cfg = TrainConfig.load("reptile.yaml", ["inner_steps=5", "meta_batch=16"])
+    cfg = TrainConfig.load("reptile.yaml", ["learner.inner_steps=5", "meta_batch=16"])
+
+The chosen learner's own settings are a nested config (`TrainConfig.learner_config`, that
+learner's `config_class`, declared with the same `knob(default, rule)` fields in the
+learner's file): `learner.inner_lr=0.1` on the command line, a `learner_config:` mapping (or
+`learner: {name: reptile, inner_lr: 0.1}`) in YAML, nested JSON in every checkpoint. The
+learner names, their config classes and their tuned defaults come from the registry
+(`pipeline.learners.registry`); nothing here names a learner.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from typing import Any, Protocol
 
 from .errors import ConfigError
 
-LEARNERS = ("protonet", "reptile", "fomaml", "maml")
 DEFAULT_LEARNER = "protonet"
 SAMPLINGS = ("within", "unstructured")
 
@@ -138,33 +144,99 @@ def check_values(checks: Iterable[tuple[str, Any, Rule]]) -> None:
             raise ConfigError(f"{label} {shown(value)}: must be {rule.describe(kind)}")
 
 
+def _registry():  # the learner registry, imported late (it imports torch and the learners)
+    from .learners import registry
+
+    return registry
+
+
+@dataclass(frozen=True)
+class _LearnerName:
+    def accepts(self, value: Any, kind: type) -> bool:
+        return isinstance(value, str) and value in _registry().names()
+
+    def describe(self, kind: type) -> str:
+        return OneOf(_registry().names()).describe(kind)
+
+
+@dataclass(frozen=True)
+class _LearnerSettings:
+    """The nested learner config: checked by its own fields' rules (see TrainConfig)."""
+
+    def accepts(self, value: Any, kind: type) -> bool:
+        return True
+
+    def describe(self, kind: type) -> str:
+        return "the chosen learner's fields (learner.FIELD=VALUE)"
+
+
+@dataclass(frozen=True)
+class UnitPair:
+    """Two numbers in [0, 1): Adam's (beta1, beta2)."""
+
+    def accepts(self, value: Any, kind: type) -> bool:
+        return (isinstance(value, tuple) and len(value) == 2
+                and all(Range(ge=0, lt=1).accepts(v, float) for v in value))
+
+    def describe(self, kind: type) -> str:
+        return "two finite numbers >= 0 and < 1 (comma-separated in --set)"
+
+
+def check_knobs(config: Any, prefix: str = "") -> None:
+    """Raise a one-line ConfigError for the first field of `config` its rule refuses."""
+    kinds = _kinds(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        rule: Rule = f.metadata["rule"]
+        if not rule.accepts(value, kinds[f.name]):
+            raise ConfigError(
+                f"config field '{prefix}{f.name}' = {shown(value)}: must be "
+                f"{rule.describe(kinds[f.name])} (`anole train --help-config` lists every range)"
+            )
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Base of every learner's own config: frozen, every field a `knob(default, rule)` with a
+    docstring, checked at construction; addressed as `learner.FIELD` in a run config."""
+
+    def __post_init__(self) -> None:
+        check_knobs(self, "learner.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config",
+                  learner: str = "this learner") -> LearnerConfig:
+        """Build from a dict, converting values; a key the class lacks is a one-line error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{source}: learner {learner!r} has no config field "
+                f"{', '.join(repr(f'learner.{k}') for k in unknown)}; its fields: "
+                f"{', '.join(fields) or 'none'}"
+            )
+        hints = _kinds(cls)
+        values = {k: _coerce(v, hints[k], f"learner.{k}", source, fields[k].metadata["rule"])
+                  for k, v in data.items()}
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A meta-training run: data, episodes, learner, optimisation, evaluation and bookkeeping."""
 
     # --- learner -------------------------------------------------------------
-    learner: str = knob(DEFAULT_LEARNER, OneOf(LEARNERS))
-    """Meta-learner: one of protonet, reptile, fomaml (first-order MAML), maml (second-order)."""
-    inner_lr: float = knob(0.4, Range(gt=0))
-    """Fast (inner-loop) learning rate for the MAML family and Reptile."""
-    inner_steps: int = knob(1, Range(ge=0))
-    """Inner-loop adaptation steps per task during meta-training."""
-    inner_optimizer: str = knob("sgd", OneOf(("sgd", "adam")))
-    """Inner-loop optimiser for Reptile: sgd or adam (MAML variants always use SGD)."""
-    inner_batches: int = knob(1, Range(ge=1))
-    """Reptile: class-balanced minibatches of each task's images, one per inner step in turn
-    (2 with 1 shot + 1 query alternates support and query sets); 1 is full-batch."""
-    eval_inner_steps: int = knob(3, Range(ge=0))
-    """Fine-tuning steps on the support set at evaluation (MAML family and Reptile)."""
-    zero_head: bool = knob(False, FLAG)
-    """MAML family and Reptile: start every task's adaptation from a zero linear head (Kao et al.
-    2022's zeroing trick) instead of a meta-learned one."""
-    temperature: float = knob(1.0, Range(gt=0))
-    """ProtoNets: logits are -squared distance / temperature."""
-    refine_steps: int = knob(0, Range(ge=0))
-    """ProtoNets at evaluation: soft k-means steps refining the prototypes with the query
-    embeddings (Ren et al. 2018). Transductive, so applied only under bn_mode=transductive;
-    0 keeps the support means."""
+    learner: str = knob(DEFAULT_LEARNER, _LearnerName())
+    """Meta-learner, by its registered name (`anole train --help-config` lists them)."""
+    learner_config: Any = knob(None, _LearnerSettings())
+    """The chosen learner's own settings (its `config_class`; None: that class's defaults).
+    Set them as learner.FIELD=VALUE; each learner's fields are listed below."""
     eval_views: int = knob(1, Range(ge=1))
     """Test-time augmentation when a checkpoint is scored (`anole evaluate`, the flows):
     log-probabilities averaged over this many views of each episode (the episode itself, plus
@@ -217,17 +289,10 @@ class TrainConfig:
 
     # --- optimisation --------------------------------------------------------
     meta_optimizer: str = knob("adam", OneOf(("adam", "sgd")))
-    """Outer (meta) optimiser: adam or sgd. Reptile's is set by reptile_outer."""
+    """Outer (meta) optimiser: adam or sgd (a learner may set its own, e.g. Reptile's
+    learner.reptile_outer)."""
     meta_lr: float = knob(1e-3, Range(gt=0))
     """Outer (meta) learning rate for adam/sgd."""
-    reptile_outer: str = knob("anneal", OneOf(("anneal", "adam")))
-    """Reptile's meta-update of the mean (phi - theta) over tasks: anneal (plain steps with the
-    linearly annealed meta step of Nichol et al.) or adam (Adam with meta_lr and lr_schedule:
-    step sizes that do not depend on how far the inner loop moved)."""
-    meta_step_start: float = knob(1.0, Range(gt=0, le=1))
-    """Reptile: meta step size at the first step (linearly annealed, Nichol et al.)."""
-    meta_step_end: float = knob(0.0, Range(ge=0, le=1))
-    """Reptile: meta step size at the last step."""
     lr_schedule: str = knob("cosine", OneOf(("constant", "cosine")))
     """Outer learning-rate schedule for adam/sgd: constant or cosine."""
     steps: int = knob(1000, Range(ge=1))
@@ -241,6 +306,9 @@ class TrainConfig:
     """Seed for episodes, augmentation and initialisation: same seed, same run."""
     num_threads: int = knob(0, Range(ge=0))
     """torch CPU threads; 0 lets torch decide."""
+    device: str = knob("auto", OneOf(("auto", "cpu", "cuda")))
+    """Where training and evaluation run: cpu, cuda, or auto (cuda when available, else cpu).
+    The fused C++ kernels serve CPU tensors only."""
     precision: str = knob("auto", OneOf(("auto", "float32", "bfloat16")))
     """Convolution arithmetic: float32, bfloat16 (mixed precision: bfloat16 convolutions and
     activations, float32 parameters, statistics and loss), or auto (bfloat16 where the device
@@ -263,47 +331,81 @@ class TrainConfig:
     """How many recent checkpoints to keep (the best one is kept as well)."""
 
     def __post_init__(self) -> None:
-        kinds = _kinds()
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            rule: Rule = f.metadata["rule"]
-            if not rule.accepts(value, kinds[f.name]):
-                raise ConfigError(
-                    f"config field '{f.name}' = {shown(value)}: must be "
-                    f"{rule.describe(kinds[f.name])} (`anole train --help-config` lists every range)"
-                )
+        check_knobs(self)
+        cls = _registry().learner_class(self.learner).config_class
+        settings = self.learner_config
+        if settings is None:
+            settings = cls()
+        elif isinstance(settings, dict):
+            settings = cls.from_dict(settings, learner=self.learner)
+        elif type(settings) is not cls:
+            raise ConfigError(
+                f"config field 'learner_config' is a {type(settings).__name__}; learner "
+                f"{self.learner!r} takes a {cls.__name__}"
+            )
+        object.__setattr__(self, "learner_config", settings)
 
     # --- (de)serialisation -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        out = dataclasses.asdict(self)
+        """Plain JSON-able dict of every field (the learner's config as a nested dict)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["domains"] = list(self.domains)
+        out["learner_config"] = self.learner_config.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build from a dict, converting values to each field's type; unknown keys are an error."""
+        """Build from a dict, converting values to each field's type; unknown keys are an error.
+
+        The learner's fields come nested (`learner_config: {...}`, or `learner: {name: ...,
+        ...}`) or dotted (`learner.inner_lr`)."""
+        data = _nest(data, source)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(
-                f"{source}: unknown config field(s) {unknown}; run `anole train --help-config` "
-                "for the list"
+            learner_fields = _registry().all_learner_fields()
+            hint = "".join(
+                f"; {k!r} is a learner field now: set it as learner.{k}"
+                for k in unknown[:1] if k in learner_fields
             )
-        hints = _kinds()
+            raise ConfigError(
+                f"{source}: unknown config field(s) {unknown}{hint}; run `anole train "
+                "--help-config` for the list"
+            )
+        hints = _kinds(cls)
         values = {
-            k: _coerce(v, hints[k], k, source, fields[k].metadata["rule"]) for k, v in data.items()
+            k: _coerce(v, hints[k], k, source, fields[k].metadata["rule"])
+            for k, v in data.items() if k != "learner_config"
         }
+        learner = values.get("learner", DEFAULT_LEARNER)
         try:
+            check_knobs_of("learner", learner)
+            nested = data.get("learner_config")
+            if isinstance(nested, dict):
+                values["learner_config"] = _registry().learner_class(learner).config_class.from_dict(
+                    nested, source=source, learner=learner)
+            elif nested is not None:
+                values["learner_config"] = nested
             return cls(**values)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            text = str(exc)
+            raise ConfigError(text if text.startswith(f"{source}:") else f"{source}: {text}") from None
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """`from_dict` for a config saved by any anole (a checkpoint manifest, config.json): a
+        flat config of the layout before nested learner configs is migrated first."""
+        return cls.from_dict(migrate_config(data), source=source)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
              *, base: dict[str, Any] | None = None, **fields: Any) -> TrainConfig:
-        """Defaults, then `base`, then the YAML file at `path`, then `key=value` overrides, then `fields`."""
-        data: dict[str, Any] = dict(base or {})
+        """Defaults, then `base`, then the YAML file at `path`, then `key=value` overrides, then
+        `fields`. Learner fields merge key by key across these layers (a layer that changes the
+        learner drops the learner fields set before it)."""
+        data: dict[str, Any] = {}
+        _merge(data, base or {}, "config")
+        source = str(path) if path else "overrides"
         if path is not None:
             import yaml
 
@@ -316,40 +418,134 @@ class TrainConfig:
                 raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of field: value")
-            data.update(loaded)
+            _merge(data, loaded, source)
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"override {item!r} must look like key=value, e.g. inner_steps=5")
-            data[key.strip()] = value.strip()
-        data.update({k: v for k, v in fields.items() if v is not None})
-        return cls.from_dict(data, source=str(path) if path else "overrides")
+                raise ConfigError(
+                    f"override {item!r} must look like key=value, e.g. learner.inner_steps=5")
+            _merge(data, {key.strip(): value.strip()}, source)
+        _merge(data, {k: v for k, v in fields.items() if v is not None}, source)
+        return cls.from_dict(data, source=source)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). Changing the learner without
+        giving its `learner_config` starts from the new learner's defaults."""
+        if "learner" in changes and changes["learner"] != self.learner:
+            changes.setdefault("learner_config", None)
         return dataclasses.replace(self, **changes)
+
+    def with_learner(self, **changes: Any) -> TrainConfig:
+        """A copy with some of the learner's own fields changed (validated again; a field the
+        learner lacks is a one-line ConfigError)."""
+        settings = type(self.learner_config).from_dict(
+            {**self.learner_config.to_dict(), **changes}, learner=self.learner)
+        return dataclasses.replace(self, learner_config=settings)
+
+
+def check_knobs_of(name: str, value: Any) -> None:
+    """Check one TrainConfig field's value alone (one-line ConfigError)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    kind = _kinds(TrainConfig)[name]
+    if not f.metadata["rule"].accepts(value, kind):
+        raise ConfigError(f"config field '{name}' = {shown(value)}: must be "
+                          f"{f.metadata['rule'].describe(kind)}")
+
+
+def _nest(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with the learner's fields gathered under "learner_config" (a dict), from a
+    `learner: {name: ..., ...}` mapping and from dotted `learner.X` / `learner_config.X` keys."""
+    out = dict(data)
+    nested: dict[str, Any] = {}
+    if isinstance(out.get("learner"), dict):
+        mapping = dict(out.pop("learner"))
+        if "name" in mapping:
+            out["learner"] = mapping.pop("name")
+        nested.update(mapping)
+    given = out.pop("learner_config", None)
+    if isinstance(given, LearnerConfig):
+        given = given.to_dict() if nested or any("." in k for k in out) else given
+    if isinstance(given, LearnerConfig):
+        out["learner_config"] = given
+        return out
+    if given is not None:
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: config field 'learner_config' must be a mapping of "
+                              "the learner's fields")
+        nested = {**given, **nested}
+    for key in [k for k in out if isinstance(k, str) and "." in k]:
+        head, _, field = key.partition(".")
+        if head not in ("learner", "learner_config"):
+            raise ConfigError(f"{source}: unknown config field {key!r}; nested fields are "
+                              "learner.FIELD (`anole train --help-config` lists them)")
+        nested[field] = out.pop(key)
+    if nested or given is not None:
+        out["learner_config"] = nested
+    return out
+
+
+def _merge(data: dict[str, Any], layer: dict[str, Any], source: str) -> None:
+    """Merge one config layer into `data` (learner fields key by key)."""
+    layer = _nest(layer, source)
+    if "learner" in layer and layer["learner"] != data.get("learner", layer["learner"]):
+        data.pop("learner_config", None)  # fields of the previous learner do not carry over
+    nested = layer.pop("learner_config", None)
+    data.update(layer)
+    if nested is not None:
+        if isinstance(nested, LearnerConfig):
+            nested = nested.to_dict()
+        data["learner_config"] = {**data.get("learner_config", {}), **nested}
+
+
+def migrate_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in today's nested layout: a flat config (every learner's fields at the
+    top level, as anole wrote them before nested learner configs) gets its learner's fields
+    moved under "learner_config" (each learner's config picks its own fields; the other
+    learners' fields are dropped). A nested config comes back unchanged."""
+    if "learner_config" in data or isinstance(data.get("learner"), dict):
+        return dict(data)
+    learner_fields = _registry().all_learner_fields()
+    flat = {k: v for k, v in data.items() if k in learner_fields}
+    if not flat:
+        return dict(data)
+    out = {k: v for k, v in data.items() if k not in learner_fields}
+    name = out.get("learner", DEFAULT_LEARNER)
+    if name in _registry().names():
+        mine = {f.name for f in dataclasses.fields(_registry().learner_class(name).config_class)}
+        out["learner_config"] = {k: v for k, v in flat.items() if k in mine}
+    return out
 
 
 @functools.cache
-def _kinds() -> dict[str, Any]:
+def _kinds(cls: type | None = None) -> dict[str, Any]:
     """Each field's annotated type (resolved once: the annotations are strings)."""
-    return typing.get_type_hints(TrainConfig)
+    return typing.get_type_hints(cls or TrainConfig)
 
 
 def rule_of(name: str) -> Rule:
-    """The rule of config field `name`: for arguments that mean the same as that field."""
+    """The rule of config field `name` (`learner.FIELD`: of the first registered learner with
+    that field): for arguments that mean the same as that field."""
+    if name.startswith("learner."):
+        field = name.removeprefix("learner.")
+        for cls in _registry().learner_classes():
+            fields = cls.config_class.__dataclass_fields__
+            if field in fields:
+                return fields[field].metadata["rule"]
+        raise KeyError(name)
     return TrainConfig.__dataclass_fields__[name].metadata["rule"]
 
 
-def field_ranges() -> dict[str, str]:
+def field_ranges(cls: type | None = None) -> dict[str, str]:
     """Each field's allowed values, in words, from its rule."""
-    kinds = _kinds()
-    return {f.name: f.metadata["rule"].describe(kinds[f.name]) for f in dataclasses.fields(TrainConfig)}
+    cls = cls or TrainConfig
+    kinds = _kinds(cls)
+    return {f.name: f.metadata["rule"].describe(kinds[f.name]) for f in dataclasses.fields(cls)}
 
 
-def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+def field_docs(cls: type | None = None) -> dict[str, str]:
     """Each field's docstring, read from the source (Python drops attribute docstrings), then a
-    "range:" line derived from the field's rule (for TrainConfig)."""
+    "range:" line derived from the field's rule."""
+    cls = cls or TrainConfig
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -362,10 +558,28 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
             and isinstance(nxt.value.value, str)
         ):
             docs[node.target.id] = nxt.value.value
-    if cls is TrainConfig:
+    if dataclasses.is_dataclass(cls) and all("rule" in f.metadata for f in dataclasses.fields(cls)):
         # continuation lines keep the source's 4-space indent, so --help-config aligns them
-        docs = {name: f"{doc}\n    range: {field_ranges()[name]}" for name, doc in docs.items()}
+        ranges = field_ranges(cls)
+        docs = {name: f"{doc}\n    range: {ranges[name]}" for name, doc in docs.items()}
     return docs
+
+
+def help_text() -> str:
+    """`anole train --help-config`: every run field, then every registered learner's fields
+    (set as learner.FIELD) with their docstrings and ranges."""
+    defaults = TrainConfig().to_dict()
+    lines = [f"{name} = {defaults[name]!r}\n    {doc}" for name, doc in field_docs().items()
+             if name != "learner_config"]
+    for cls in _registry().learner_classes():
+        config = cls.config_class()
+        tuned = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.get("learner_config", {}).items())
+        lines.append(f"\nlearner {cls.name} ({cls.config_class.__name__}; set as learner.FIELD=VALUE "
+                     "with this learner; values below are the class defaults"
+                     + (f", `--learner {cls.name}` starts from {tuned}" if tuned else "") + "):")
+        for name, doc in field_docs(cls.config_class).items():
+            lines.append(f"learner.{name} = {getattr(config, name)!r}\n    {doc}")
+    return "\n".join(lines)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -397,6 +611,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str, rule: Rule) -> Any:
         if origin is tuple:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
+            if typing.get_args(hint)[:1] == (float,):
+                return tuple(float(v) for v in value)
             return tuple(str(v).strip() for v in value)
         if origin in (types.UnionType, typing.Union):
             return value
@@ -407,52 +623,24 @@ def _coerce(value: Any, hint: Any, name: str, source: str, rule: Rule) -> Any:
     raise ConfigError(f"{source}: config field '{name}' = {value!r}: must be {rule.describe(hint)}")
 
 
-# Tuned settings per learner, used when a learner is chosen without a config file. Each was
-# measured in a 15-core-minute budget on the Omniglot minimal splits (benchmarks/README.md,
-# "Accuracy in a CPU budget").
-_AUGMENT = {"augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1}
-LEARNER_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Snell et al.'s Omniglot recipe (60-way episodes, rotations, Adam) plus small affine
-    # augmentation (only six training alphabets), a 128-filter conv4 (+1 point of held-out
-    # accuracy over 64), 8 test-time views (+1.5 points) and 3 soft k-means refinement steps
-    # of the prototypes at evaluation (+1 to +1.5 points).
-    "protonet": {
-        "ways": 60, "shots": 1, "queries": 5, "meta_batch": 1, "hidden": 128, "eval_views": 8,
-        "refine_steps": 3,
-        **_AUGMENT, "val_every": 200, "checkpoint_every": 200, "val_episodes": 100,
-    },
-    # The MAML family and Reptile train a 20-way head, matching the 20-way one-shot protocol,
-    # started at zero for every task (Kao et al.'s zeroing trick): one inner step then turns it
-    # into class-mean features. Evaluation fine-tunes for as many steps as training did.
-    "reptile": {
-        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 8, "zero_head": True,
-        "inner_optimizer": "sgd", "inner_lr": 0.1, "inner_steps": 4, "inner_batches": 2,
-        "eval_inner_steps": 10, "eval_views": 8, **_AUGMENT, "val_every": 100, "val_episodes": 100,
-    },
-    "fomaml": {
-        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 8, "zero_head": True,
-        "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 1, "eval_views": 8,
-        **_AUGMENT, "val_every": 100, "val_episodes": 100,
-    },
-    "maml": {
-        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 8, "zero_head": True,
-        "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 1, "eval_views": 8,
-        **_AUGMENT, "val_every": 100, "val_episodes": 100,
-    },
-}
-
-
 def config_for(learner: str | None, path: str | Path | None = None,
                overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> TrainConfig:
-    """The config for `learner` (default learner when None): its tuned defaults, then the file and overrides."""
+    """The config for `learner` (default learner when None): its tuned defaults (the learner
+    class's `defaults`), then the file and overrides."""
     name = learner or DEFAULT_LEARNER
-    if name not in LEARNERS:
-        raise ConfigError(f"--learner {name!r}: must be one of {', '.join(LEARNERS)}")
-    base = {"learner": name, **LEARNER_DEFAULTS[name]}
+    if name not in _registry().names():
+        raise ConfigError(f"--learner {name!r}: must be one of {', '.join(_registry().names())}")
+    base = {"learner": name, **_registry().learner_class(name).defaults}
     return TrainConfig.load(path, overrides, base=base, **fields)
 
 
+def learner_names() -> tuple[str, ...]:
+    """The registered learners' names."""
+    return _registry().names()
+
+
 __all__ = [
-    "TrainConfig", "LEARNERS", "DEFAULT_LEARNER", "config_for", "field_docs", "field_ranges",
-    "Range", "OneOf", "check_values", "rule_of", "shown",
+    "TrainConfig", "LearnerConfig", "DEFAULT_LEARNER", "config_for", "field_docs", "field_ranges",
+    "Range", "OneOf", "UnitPair", "check_values", "rule_of", "shown", "migrate_config",
+    "help_text", "learner_names", "knob", "FLAG",
 ]

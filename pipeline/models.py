@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from pipeline.kernels import cpu_kernels
+from pipeline.kernels import for_tensor as kernels_for
 from pipeline.kernels.fused import affine_relu, fused_pool, stem_pool, usable
 
 BN_EPS = 1e-5
@@ -174,7 +175,8 @@ class VmapNet:
         self.model = model
 
     def _one(self, params: Mapping[str, Tensor], x: Tensor, stats: BNStats | None) -> Tensor:
-        return torch.func.functional_call(self.model, dict(params), (x,), {"bn_stats": stats})
+        kwargs = {} if stats is None else {"bn_stats": stats}  # any network takes plain x
+        return torch.func.functional_call(self.model, dict(params), (x,), kwargs)
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor, *, norm: Norm = "batch") -> Tensor:
         if norm == "batch":
@@ -348,16 +350,16 @@ def task_net(
     backend: Literal["grouped", "vmap"] = "grouped",
     compute_dtype: torch.dtype | None = None,
 ) -> TaskNet:
-    """The task-batched form of `model`: `GroupedConv4` for a `Conv4` unless backend="vmap".
+    """The task-batched form of `model`: the fast `GroupedConv4` for a `Conv4` unless
+    backend="vmap"; any other network falls back to `VmapNet` (torch.func.vmap over
+    `functional_call`), so a learner may bring its own network.
 
-    `compute_dtype`: bfloat16 for mixed-precision convolutions (`GroupedConv4` only).
+    `compute_dtype`: bfloat16 for mixed-precision convolutions (`GroupedConv4` only; the vmap
+    fallback runs in the parameters' dtype).
     """
     if backend == "grouped":
         if not isinstance(model, Conv4):
-            raise ValueError(
-                f"task_net: backend='grouped' needs a Conv4, got {type(model).__name__}; "
-                "use backend='vmap'"
-            )
+            return VmapNet(model)
         return GroupedConv4(compute_dtype)
     if backend == "vmap":
         if compute_dtype is not None:
@@ -574,8 +576,9 @@ class _Cast(Function):
     def forward(x: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
         if x.is_contiguous(memory_format=memory_format):
             return x.to(dtype, copy=True)  # the layout is already right: a plain cast
-        kernels = cpu_kernels()
-        if kernels is not None and x.device.type == "cpu" and x.dim() == 4:
+        # the device first: the CPU extension is never loaded for a CUDA tensor
+        kernels = kernels_for(x) if x.dim() == 4 else None
+        if kernels is not None:
             # one pass: a small transpose per output channel (pipeline/kernels)
             return kernels.relayout(x, dtype, memory_format == torch.channels_last)
         return x.to(dtype).contiguous(memory_format=memory_format)
@@ -711,6 +714,22 @@ def native_bfloat16(device: torch.device | str = "cpu") -> bool:
         except AttributeError:  # older torch: no probe, so no claim
             return False
     return False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cpu" / "cuda" (or a torch.device) as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("cpu", "cuda"):
+        if device == "cuda" and not torch.cuda.is_available():
+            from pipeline.errors import ConfigError
+
+            raise ConfigError("device 'cuda': no CUDA device is available here; use "
+                              "device=cpu or device=auto")
+        return torch.device(device)
+    raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
 
 
 def resolve_precision(

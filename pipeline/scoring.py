@@ -34,9 +34,23 @@ class TrainedModel:
 
     @property
     def learner(self):
+        """The learner, built for the config's device (`device`: auto, cpu or cuda)."""
         from .train import build_learner
 
         return build_learner(self.config)
+
+    @property
+    def learner_class(self):
+        """The registered class of the checkpoint's learner."""
+        from .train import learner_class
+
+        return learner_class(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        from .models import resolve_device
+
+        return resolve_device(self.config.device)
 
     @property
     def split_name(self) -> str:
@@ -64,7 +78,7 @@ def load_model(path: str | Path) -> TrainedModel:
         )
     return TrainedModel(
         path=ckpt.path,
-        config=TrainConfig.from_dict(manifest["config"], source=str(where)),
+        config=TrainConfig.from_saved(manifest["config"], source=str(where)),
         params=params,
         split=DomainSplit.from_dict(manifest["split"]),
         data_version=manifest.get("data_version", ""),
@@ -146,7 +160,8 @@ def score_oneshot(model: TrainedModel, run_dirs: Sequence[Path], *,
 
     def classify(run: OneShotRun) -> np.ndarray:
         logits = predict_views(learner, model.params, run_episode(run), bn_mode=mode,
-                               views=cfg.eval_views, augment=augment_ranges(cfg))
+                               views=cfg.eval_views, augment=augment_ranges(cfg),
+                               device=model.device)
         return logits[0].argmax(-1).numpy()
 
     runs = (read_run(d, image_size=cfg.image_size) for d in run_dirs)
@@ -168,4 +183,4 @@ def score_heldout(model: TrainedModel, store, *, ways: int, shots: int, queries:
     specs = eval_specs(images, domains, ways=ways, shots=shots, queries=queries, episodes=episodes,
                        seed=seed, mode=mode or cfg.val_sampling)
     return evaluate_params(model.learner, model.params, images, specs, bn_mode=bn_mode or cfg.bn_mode,
-                           views=cfg.eval_views, augment=augment_ranges(cfg))
+                           views=cfg.eval_views, augment=augment_ranges(cfg), device=model.device)

@@ -25,21 +25,14 @@ import torch
 
 from .atomic import atomic_write_bytes, disk_full, is_disk_full
 from .checkpoint import Checkpoint, CheckpointDir
-from .config import TrainConfig
+from .config import TrainConfig, migrate_config
 from .episodes import Episodes
 from .errors import CheckpointError, ConfigError
 from .evaluation import Accuracy, evaluate_episodes
 from .images import ImageSet
-from .kernels import cpu_kernels
-from .learners import (
-    Learner,
-    LearnerConfig,
-    MAMLConfig,
-    ProtoNetConfig,
-    ReptileConfig,
-    make_learner,
-)
-from .models import conv4, flatten_params, params_of, resolve_precision, unflatten_params
+from .kernels import cpu_kernels, kernel_backend
+from .learners import Learner, make_learner, registry
+from .models import flatten_params, resolve_device, resolve_precision, unflatten_params
 from .tasks import (
     DomainSplit,
     EpisodeSampler,
@@ -127,54 +120,44 @@ def _augment(episodes: Episodes, task_ids: np.ndarray, step: int, cfg: TrainConf
 # --- model and meta-optimiser ----------------------------------------------------------------
 
 
+def learner_class(config: TrainConfig) -> type[Learner]:
+    """The registered class of the config's learner."""
+    return registry.learner_class(config.learner)
+
+
 def build_model(config: TrainConfig) -> torch.nn.Module:
-    """conv4 for the config: an embedding for ProtoNets, a `ways`-way head otherwise."""
-    out = None if config.learner == "protonet" else config.ways
-    return conv4(in_channels=config.channels, out_features=out, hidden=config.hidden,
-                 image_size=config.image_size)
+    """The learner's network for the config (conv4: an embedding for a learner without a
+    head, a `ways`-way head otherwise)."""
+    return learner_class(config).build_model(config)
 
 
-def learner_config(config: TrainConfig) -> LearnerConfig:
-    """The learner's own config, taken from the run config's fields."""
-    if config.learner == "protonet":
-        return ProtoNetConfig(temperature=config.temperature, refine_steps=config.refine_steps)
-    if config.learner == "reptile":
-        return ReptileConfig(
-            inner_lr=config.inner_lr,
-            inner_steps=config.inner_steps,
-            eval_inner_steps=config.eval_inner_steps,
-            inner_optimizer=config.inner_optimizer,
-            zero_head=config.zero_head,
-            inner_batches=config.inner_batches,
-        )
-    return MAMLConfig(
-        inner_lr=config.inner_lr,
-        inner_steps=config.inner_steps,
-        eval_inner_steps=config.eval_inner_steps,
-        zero_head=config.zero_head,
-    )
-
-
-def build_learner(config: TrainConfig, device: torch.device | str = "cpu") -> Learner:
-    """The learner named by the config, with its inner-loop settings, the config's network and
-    its precision (auto resolved for `device`, where its episodes will live).
+def build_learner(config: TrainConfig, device: torch.device | str | None = None) -> Learner:
+    """The learner named by the config, with its own settings (`config.learner_config`), its
+    network and its precision (auto resolved for `device`, where its episodes will live;
+    default: the config's `device` setting).
 
     On CPU it also builds (first use on a machine) or loads the fused kernels now, so that the
-    build never lands inside a timed step (time budgets calibrate on the first steps)."""
-    if torch.device(device).type == "cpu":
+    build never lands inside a timed step (time budgets calibrate on the first steps). They are
+    never loaded for another device."""
+    device = resolve_device(config.device) if device is None else torch.device(device)
+    if kernel_backend(device) == "cpu_fused":
         cpu_kernels()
     return make_learner(
         config.learner,
-        learner_config(config),
+        config.learner_config,
         model=build_model(config),
         precision=resolve_precision(config.precision, device),
     )
 
 
 def initial_params(config: TrainConfig) -> Params:
-    """Freshly initialised meta-parameters, a pure function of the seed."""
-    torch.manual_seed(config.seed)
-    return params_of(build_model(config))
+    """Freshly initialised meta-parameters, a pure function of the seed (the learner's)."""
+    return learner_class(config).initial_params(config)
+
+
+def param_template(config: TrainConfig) -> Params:
+    """Names and shapes of the meta-parameters, on the meta device (the learner's)."""
+    return learner_class(config).param_template(config)
 
 
 class MetaOptimizer:
@@ -184,9 +167,8 @@ class MetaOptimizer:
         self.config = config
         self.total_steps = total_steps
         self.params = {k: v.detach().clone().requires_grad_(False) for k, v in params.items()}
-        opt = config.meta_optimizer
-        if config.learner == "reptile":
-            opt = "adam" if config.reptile_outer == "adam" else "sgd"
+        self.learner_class = learner_class(config)
+        opt = self.learner_class.outer_optimizer(config.learner_config, config.meta_optimizer)
         tensors = list(self.params.values())
         self.optimizer = (
             torch.optim.Adam(tensors, lr=config.meta_lr) if opt == "adam"
@@ -194,11 +176,13 @@ class MetaOptimizer:
         )
 
     def learning_rate(self, step: int) -> float:
-        """The outer step size at `step`: Reptile's linear anneal, or the configured schedule."""
+        """The outer step size at `step`: the learner's own (Reptile's linear anneal), or the
+        configured schedule."""
         cfg = self.config
+        own = self.learner_class.meta_step_size(cfg.learner_config, step, self.total_steps)
+        if own is not None:
+            return own
         frac = min(step / max(self.total_steps, 1), 1.0)
-        if cfg.learner == "reptile" and cfg.reptile_outer == "anneal":
-            return cfg.meta_step_start + frac * (cfg.meta_step_end - cfg.meta_step_start)
         if cfg.lr_schedule == "cosine":
             return cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
         return cfg.meta_lr
@@ -208,7 +192,7 @@ class MetaOptimizer:
         if num_tasks <= 0:
             raise ValueError("apply() needs at least one task's contribution")
         for name, p in self.params.items():
-            p.grad = summed[name].to(p.dtype) / num_tasks
+            p.grad = summed[name].to(p.device, p.dtype) / num_tasks
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -246,13 +230,17 @@ def augment_ranges(cfg: TrainConfig) -> dict[str, float]:
 
 
 def predict_views(learner, params: Params, episodes: Episodes, *, bn_mode: str, views: int = 1,
-                  augment: dict[str, float] | None = None, seed: int = 0) -> torch.Tensor:
+                  augment: dict[str, float] | None = None, seed: int = 0,
+                  device: torch.device | str | None = None) -> torch.Tensor:
     """Query log-probabilities [T, ways*queries, ways] averaged over `views` views of the episodes.
 
     View 0 is the episodes as given; views 1.. apply an independent random affine transform
     (limits `augment`) to every support and query image, seeded by (`seed`, view). Each view
     is adapted to and predicted on its own (BatchNorm sees one view's query set at a time),
     so with `views=1` this is `learner.adapt_and_predict` up to a log-softmax.
+
+    `device`: where the learner computes (default: where `episodes` are); the views are drawn
+    where the episodes are, and the result comes back there.
     """
     if views > 1 and not any((augment or {}).values()):
         raise ConfigError("eval_views > 1 needs augmentation limits (augment_rotate_deg, "
@@ -267,15 +255,26 @@ def predict_views(learner, params: Params, episodes: Episodes, *, bn_mode: str, 
                 support_x=affine_augment(episodes.support_x, generator=gen, **augment),  # type: ignore[arg-type]
                 query_x=affine_augment(episodes.query_x, generator=gen, **augment),  # type: ignore[arg-type]
             )
-        logp = torch.log_softmax(learner.adapt_and_predict(params, ep, bn_mode=bn_mode), -1)
+        home = ep.support_x.device
+        if device is not None and torch.device(device) != home:
+            params = on_device(params, device)
+            ep = ep.to(device)
+        logits = learner.adapt_and_predict(params, ep, bn_mode=bn_mode).to(home)
+        logp = torch.log_softmax(logits, -1)
         total = logp if total is None else total + logp
     assert total is not None
     return total / views
 
 
+def on_device(params: Params, device: torch.device | str) -> Params:
+    """`params` on `device` (the same tensors where they already are)."""
+    return {k: v.to(device) for k, v in params.items()}
+
+
 def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpecs, *,
                     bn_mode: str, batch_size: int = 16, views: int = 1,
-                    augment: dict[str, float] | None = None) -> Accuracy:
+                    augment: dict[str, float] | None = None,
+                    device: torch.device | str | None = None) -> Accuracy:
     """Accuracy of `params` on fixed episodes, fine-tuning per the learner (and averaging
     `views` augmented views of each episode, see `predict_views`)."""
 
@@ -286,12 +285,16 @@ def evaluate_params(learner, params: Params, images: ImageSet, specs: EpisodeSpe
             f"--ways {head.numel()} or fewer, or train with ways={specs.ways}"
         )
 
-    predict = episode_predictor(learner, params, bn_mode=bn_mode, views=views, augment=augment)
+    if device is not None:
+        params = on_device(params, device)  # once, not per batch
+    predict = episode_predictor(learner, params, bn_mode=bn_mode, views=views, augment=augment,
+                                device=device)
     return evaluate_episodes(predict, images, specs, batch_size=batch_size, bn_mode=bn_mode)
 
 
 def episode_predictor(learner, params: Params, *, bn_mode: str, views: int = 1,
-                      augment: dict[str, float] | None = None) -> Callable[[Episodes], torch.Tensor]:
+                      augment: dict[str, float] | None = None,
+                      device: torch.device | str | None = None) -> Callable[[Episodes], torch.Tensor]:
     """`predict(episodes)` for `evaluate_episodes`: `predict_views` log-probabilities over the
     episodes' classes, each call (batch of episodes) drawing its own views.
 
@@ -302,7 +305,7 @@ def episode_predictor(learner, params: Params, *, bn_mode: str, views: int = 1,
 
     def predict(episodes: Episodes) -> torch.Tensor:
         logits = predict_views(learner, params, episodes, bn_mode=bn_mode, views=views,
-                               augment=augment, seed=next(batch_seeds))
+                               augment=augment, seed=next(batch_seeds), device=device)
         return logits[..., : episodes.ways]
 
     return predict
@@ -369,7 +372,8 @@ class Trainer(Stoppable):
         self.config = config
         self.out_dir = Path(out_dir)
         self.data = TrainingData.build(images, config, split)
-        self.learner = build_learner(config)
+        self.device = resolve_device(config.device)
+        self.learner = build_learner(config, self.device)
         self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", keep_last=config.keep_last)
         self.progress = progress
         self.log_tensorboard = log_tensorboard
@@ -444,8 +448,11 @@ class Trainer(Stoppable):
                     break
                 ts = self._clock()
                 specs = self.data.specs_for_step(step)
-                episodes = self.data.episodes(specs, step)
-                summed, sums = self.learner.meta_gradient(meta.params, episodes)
+                episodes = self.data.episodes(specs, step, device=self.device)
+                # the meta-parameters stay on the CPU (checkpoints, the optimiser); on CPU this
+                # is the same tensors, elsewhere one small copy per step each way
+                summed, sums = self.learner.meta_gradient(on_device(meta.params, self.device),
+                                                          episodes)
                 meta.apply(summed, specs.num_tasks, step)
                 step += 1
                 train_seconds += self._clock() - ts
@@ -510,7 +517,7 @@ class Trainer(Stoppable):
         t = self._clock()
         # one view: validation only ranks checkpoints, and test-time views would multiply its cost
         acc = evaluate_params(self.learner, meta.params, self.data.images, self.val_specs,
-                              bn_mode=self.config.bn_mode)
+                              bn_mode=self.config.bn_mode, device=self.device)
         self._val_seconds = self._clock() - t
         record = {"step": step, "val_accuracy": acc.mean, "val_ci95": acc.ci95}
         history.append(record)
@@ -595,13 +602,30 @@ def checkpoint_state(meta: MetaOptimizer, best_val: float | None, elapsed: float
     }
 
 
+RESUME_IGNORES = frozenset({"steps", "minutes", "budget_clock", "val_every", "checkpoint_every",
+                            "keep_last", "num_threads", "device"})
+"""Config fields a resumed run may change (budgets, bookkeeping, where it runs)."""
+
+
 def check_compatible(ckpt: Checkpoint, config: TrainConfig, data_version: str) -> None:
-    """Raise ConfigError unless `ckpt` was trained with this config (bar budgets) and data."""
-    saved = ckpt.manifest.get("config", {})
+    """Raise ConfigError unless `ckpt` was trained with this config (bar budgets) and data.
+
+    A checkpoint of the flat config layout (before nested learner configs) is migrated first."""
+    saved = migrate_config(ckpt.manifest.get("config", {}))
+    theirs = saved.get("learner", ckpt.manifest.get("learner"))
+    if theirs is not None and theirs != config.learner:
+        raise ConfigError(
+            f"cannot resume from {ckpt.path}: it was trained with learner {theirs!r}, this run's "
+            f"learner is {config.learner!r}; resume with --learner {theirs}, or train into a new "
+            "--out directory"
+        )
     mine = config.to_dict()
-    ignore = {"steps", "minutes", "budget_clock", "val_every", "checkpoint_every", "keep_last", "num_threads"}
-    default = TrainConfig().to_dict()  # a field added since the checkpoint had its default
-    diff = sorted(k for k in mine if k not in ignore and saved.get(k, default[k]) != mine[k])
+    default = TrainConfig(learner=config.learner).to_dict()  # a field added since: its default
+    diff = sorted(k for k in mine if k not in RESUME_IGNORES and k != "learner_config"
+                  and saved.get(k, default[k]) != mine[k])
+    their_own = saved.get("learner_config") or {}
+    diff += sorted(f"learner.{k}" for k, v in mine["learner_config"].items()
+                   if their_own.get(k, default["learner_config"][k]) != v)
     if diff:
         raise ConfigError(
             f"cannot resume from {ckpt.path}: config fields {diff} differ from the checkpoint's; "

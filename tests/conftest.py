@@ -59,6 +59,6 @@ def tiny() -> list[str]:
 
 TINY = [
     "hidden=8", "meta_batch=4", "ways=5", "shots=1", "queries=2", "val_episodes=4",
-    "val_ways=5", "val_every=3", "checkpoint_every=3", "eval_inner_steps=1", "eval_views=1",
+    "val_ways=5", "val_every=3", "checkpoint_every=3", "eval_views=1",
 ]
 """Overrides that make a training run take seconds (tests only)."""

@@ -83,7 +83,7 @@ def test_train_then_evaluate_checkpoint(tmp_path, omniglot_store, oneshot_runs, 
     assert scored["views"] == 1  # tiny's eval_views
     assert scored["refine_steps"] == 3  # ProtoNets' default
     viewed = json.loads(anole("evaluate", "--checkpoint", trained["best_checkpoint"], "--runs",
-                              str(oneshot_runs[0]), "--views", "3", "--refine-steps", "0",
+                              str(oneshot_runs[0]), "--views", "3", "--refine-steps", "0", "--device", "cpu",
                               "--json").stdout)
     assert viewed["views"] == 3 and viewed["refine_steps"] == 0
     assert 0 <= viewed["oneshot"]["mean_error"] <= 1
@@ -91,10 +91,10 @@ def test_train_then_evaluate_checkpoint(tmp_path, omniglot_store, oneshot_runs, 
 
 def test_train_help_config_lists_fields():
     out = anole("train", "--help-config").stdout
-    assert "inner_lr" in out and "Fast (inner-loop) learning rate" in out
+    assert "learner.inner_lr" in out and "Fast (inner-loop) SGD learning rate" in out
     # every field's range, from the same rule the config checks
-    assert "Fast (inner-loop) learning rate for the MAML family and Reptile.\n    range: a finite number > 0" in out
-    fields = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert "Fast (inner-loop) SGD learning rate, alpha.\n    range: a finite number > 0" in out
+    fields = [line for line in out.splitlines() if " = " in line and not line.startswith(" ")]
     assert len(fields) > 40 and out.count("\n    range: ") == len(fields)
 
 
@@ -113,7 +113,7 @@ BAD_ARGS = [
     (["run", "--minutes", "0"], "--minutes 0: must be a finite number > 0"),
     (["run", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
     (["run", "--out", "notes.txt"], "--out notes.txt is a file: give a folder"),
-    (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, fomaml or maml"),
+    (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, maml or fomaml"),
     (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--episodes", "0"],
      "--episodes 0: must be an integer >= 1"),
     (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--queries", "0"],

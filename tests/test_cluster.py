@@ -32,7 +32,9 @@ TINY = TrainConfig(
     learner="reptile",
     hidden=8,
     meta_batch=4,
-    inner_steps=1,
+    # one inner SGD step (the flat config's old defaults; ReptileConfig's own are 5 Adam steps)
+    learner_config={"inner_steps": 1, "inner_lr": 0.4, "inner_optimizer": "sgd",
+                    "eval_inner_steps": 3},
     steps=2,
     val_every=100,
     val_episodes=2,

@@ -10,19 +10,27 @@ import torch
 from pipeline.checkpoint import CheckpointDir, load_checkpoint
 from pipeline.config import TrainConfig, config_for, field_docs
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.learners import registry
 
 
 def test_every_field_has_a_docstring():
     docs = field_docs()
     assert set(docs) == set(TrainConfig.__dataclass_fields__)
     assert all(len(d) > 10 for d in docs.values())
+    for cls in registry.learner_classes():  # and every learner's own fields
+        docs = field_docs(cls.config_class)
+        assert set(docs) == set(cls.config_class.__dataclass_fields__)
+        assert all(len(d) > 10 for d in docs.values())
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("learner: reptile\ninner_steps: 3\nrotations: false\ndomains: [Greek, Latin]\n")
-    cfg = TrainConfig.load(path, ["inner_steps=5", "meta_lr=0.01"])
-    assert (cfg.learner, cfg.inner_steps, cfg.meta_lr, cfg.rotations) == ("reptile", 5, 0.01, False)
+    path.write_text("learner: reptile\nlearner_config:\n  inner_steps: 3\n  inner_lr: 0.2\n"
+                    "rotations: false\ndomains: [Greek, Latin]\n")
+    cfg = TrainConfig.load(path, ["learner.inner_steps=5", "meta_lr=0.01"])
+    assert (cfg.learner, cfg.learner_config.inner_steps, cfg.meta_lr, cfg.rotations) == (
+        "reptile", 5, 0.01, False)
+    assert cfg.learner_config.inner_lr == 0.2  # the file's, merged field by field
     assert cfg.domains == ("Greek", "Latin")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 

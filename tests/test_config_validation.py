@@ -8,8 +8,6 @@ import math
 import pytest
 
 from pipeline.config import (
-    LEARNER_DEFAULTS,
-    LEARNERS,
     OneOf,
     Range,
     TrainConfig,
@@ -19,6 +17,9 @@ from pipeline.config import (
     field_ranges,
 )
 from pipeline.errors import ConfigError
+from pipeline.learners import registry
+
+LEARNERS = registry.names()
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -28,14 +29,14 @@ BAD = [
     ("meta_lr=nan", "'meta_lr' = nan: must be a finite number > 0"),
     ("meta_lr=-1", "'meta_lr' = -1: must be a finite number > 0"),
     ("meta_lr=0", "'meta_lr' = 0: must be a finite number > 0"),
-    ("inner_lr=inf", "'inner_lr' = inf: must be a finite number > 0"),
-    ("inner_lr=-inf", "'inner_lr' = -inf: must be a finite number > 0"),
-    ("temperature=0", "'temperature' = 0: must be a finite number > 0"),
+    ("learner.inner_lr=inf", "'learner.inner_lr' = inf: must be a finite number > 0"),
+    ("learner.inner_lr=-inf", "'learner.inner_lr' = -inf: must be a finite number > 0"),
+    ("learner.temperature=0", "'learner.temperature' = 0: must be a finite number > 0"),
     ("hidden=0", "'hidden' = 0: must be an integer >= 1"),
     ("hidden=2.5", "'hidden' = '2.5': must be an integer >= 1"),  # not silently 2
     ("val_episodes=0", "'val_episodes' = 0: must be an integer >= 1"),
     ("val_ways=1", "'val_ways' = 1: must be an integer >= 2"),
-    ("inner_steps=-1", "'inner_steps' = -1: must be an integer >= 0"),
+    ("learner.inner_steps=-1", "'learner.inner_steps' = -1: must be an integer >= 0"),
     ("keep_last=0", "'keep_last' = 0: must be an integer >= 1"),
     ("image_size=8", "'image_size' = 8: must be an integer >= 16"),  # conv4 pools it to nothing
     ("seed=-1", "'seed' = -1: must be an integer >= 0 and <= 4294967295"),
@@ -43,13 +44,13 @@ BAD = [
     ("augment_translate=1", "'augment_translate' = 1: must be a finite number >= 0 and < 1"),
     ("augment_scale=1.5", "'augment_scale' = 1.5: must be a finite number >= 0 and < 1"),
     ("augment_rotate_deg=-5", "'augment_rotate_deg' = -5: must be a finite number >= 0 and <= 180"),
-    ("meta_step_start=0", "'meta_step_start' = 0: must be a finite number > 0 and <= 1"),
-    ("meta_step_end=nan", "'meta_step_end' = nan: must be a finite number >= 0 and <= 1"),
+    ("learner.meta_step_start=0", "'learner.meta_step_start' = 0: must be a finite number > 0 and <= 1"),
+    ("learner.meta_step_end=nan", "'learner.meta_step_end' = nan: must be a finite number >= 0 and <= 1"),
     ("minutes=-1", "'minutes' = -1: must be a finite number >= 0"),
     ("minutes=inf", "'minutes' = inf: must be a finite number >= 0"),
     ("num_threads=-1", "'num_threads' = -1: must be an integer >= 0"),
     ("channels=2", "'channels' = 2: must be 1 or 3"),
-    ("learner=svm", "'learner' = 'svm': must be protonet, reptile, fomaml or maml"),
+    ("learner=svm", "'learner' = 'svm': must be protonet, reptile, maml or fomaml"),
     ("bn_mode=batch", "'bn_mode' = 'batch': must be transductive, per_image or support"),
     ("rotations=maybe", "'rotations' = 'maybe': must be true or false"),
 ]
@@ -57,24 +58,37 @@ BAD = [
 
 @pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
 def test_out_of_range_override_is_refused(override, message):
+    learner = _learner_with(override)
     with pytest.raises(ConfigError) as info:
-        TrainConfig.load(None, [override])
+        TrainConfig.load(None, [f"learner={learner}", override] if learner else [override])
     text = str(info.value)
     assert message in text and "\n" not in text
 
 
+def _learner_with(override: str) -> str | None:
+    """The first registered learner whose config has the field of a learner.FIELD override."""
+    key = override.partition("=")[0]
+    if not key.startswith("learner."):
+        return None
+    field = key.removeprefix("learner.")
+    return next(c.name for c in registry.learner_classes()
+                if field in c.config_class.__dataclass_fields__)
+
+
 # Values at the edge of a range that runs legitimately use.
 EDGES = [
-    "inner_steps=0", "eval_inner_steps=0", "refine_steps=0", "meta_step_end=0", "minutes=0",
+    "learner.inner_steps=0", "learner.eval_inner_steps=0", "learner.refine_steps=0",
+    "learner.meta_step_end=0", "minutes=0",
     "num_threads=0", "val_domains=0", "test_domains=0", "augment_rotate_deg=180",
     "augment_translate=0.99", "augment_shear=1", "seed=4294967295", "image_size=16",
-    "meta_step_start=1", "inner_lr=1e-9", "channels=3", "ways=2", "val_ways=2",
+    "learner.meta_step_start=1", "learner.inner_lr=1e-9", "channels=3", "ways=2", "val_ways=2",
 ]
 
 
 def test_edge_values_are_accepted():
     for override in EDGES:
-        TrainConfig.load(None, [override])
+        learner = _learner_with(override)
+        TrainConfig.load(None, [f"learner={learner}", override] if learner else [override])
 
 
 def _outside(rule: Range) -> list[float]:
@@ -86,17 +100,23 @@ def _outside(rule: Range) -> list[float]:
 
 
 def test_every_numeric_field_refuses_values_outside_its_range():
-    defaults = TrainConfig()
-    hints = {f: type(getattr(defaults, f)) for f in FIELDS}
-    numeric = [name for name, f in FIELDS.items() if isinstance(f.metadata["rule"], Range)]
-    assert len(numeric) >= 30  # every int and float knob has a declared range
-    for name in numeric:
-        for value in _outside(FIELDS[name].metadata["rule"]):
-            if hints[name] is int and not math.isfinite(value):
-                continue  # an int field cannot hold nan; _coerce refuses the text instead
-            value = int(value) if hints[name] is int else float(value)
-            with pytest.raises(ConfigError, match=f"'{name}'"):
-                TrainConfig(**{name: value})
+    # the run's fields, then every learner's own (declared with the same knob rules)
+    classes = [(TrainConfig, "")] + [(c.config_class, "learner.") for c in registry.learner_classes()]
+    total = 0
+    for cls, prefix in classes:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        defaults = cls()
+        hints = {f: type(getattr(defaults, f)) for f in fields}
+        numeric = [name for name, f in fields.items() if isinstance(f.metadata["rule"], Range)]
+        total += len(numeric)
+        for name in numeric:
+            for value in _outside(fields[name].metadata["rule"]):
+                if hints[name] is int and not math.isfinite(value):
+                    continue  # an int field cannot hold nan; _coerce refuses the text instead
+                value = int(value) if hints[name] is int else float(value)
+                with pytest.raises(ConfigError, match=f"'{prefix}{name}'"):
+                    cls(**{name: value})
+    assert total >= 40  # every int and float knob has a declared range
 
 
 def test_float_fields_refuse_nan_and_inf_from_yaml(tmp_path):
@@ -132,7 +152,7 @@ def test_learner_defaults_and_test_configs_are_in_range(tiny):
     for learner in LEARNERS:
         assert config_for(learner).learner == learner
         assert config_for(learner, overrides=tiny, steps=6).hidden == 8
-    assert set(LEARNER_DEFAULTS) == set(LEARNERS)
+        assert set(registry.learner_class(learner).defaults) <= set(FIELDS)
 
 
 def test_every_field_documents_its_range():

@@ -20,9 +20,9 @@ def _images(store, cfg):
     "learner, extra",
     [
         ("protonet", []),
-        ("fomaml", ["inner_lr=0.4", "meta_lr=0.01"]),
-        ("maml", ["inner_lr=0.4", "meta_lr=0.01"]),
-        ("reptile", ["inner_steps=3"]),
+        ("fomaml", ["learner.inner_lr=0.4", "meta_lr=0.01"]),
+        ("maml", ["learner.inner_lr=0.4", "meta_lr=0.01"]),
+        ("reptile", ["learner.inner_steps=3"]),
     ],
 )
 def test_loss_falls_on_real_omniglot(omniglot_store, tmp_path, learner, extra):
@@ -136,7 +136,8 @@ def test_reptile_outer_update_is_annealed_or_adam():
     from pipeline.config import TrainConfig
     from pipeline.train import MetaOptimizer, initial_params
 
-    cfg = TrainConfig(learner="reptile", hidden=8, meta_step_start=0.8, meta_step_end=0.0)
+    cfg = TrainConfig(learner="reptile", hidden=8,
+                      learner_config={"meta_step_start": 0.8, "meta_step_end": 0.0})
     anneal = MetaOptimizer(initial_params(cfg), cfg, total_steps=10)
     assert isinstance(anneal.optimizer, torch.optim.SGD)
     assert anneal.learning_rate(0) == pytest.approx(0.8) and anneal.learning_rate(5) == pytest.approx(0.4)
@@ -145,7 +146,7 @@ def test_reptile_outer_update_is_annealed_or_adam():
     anneal.apply({k: 2 * torch.ones_like(v) for k, v in before.items()}, num_tasks=2, step=0)
     assert all(torch.allclose(anneal.params[k], before[k] - 0.8) for k in before)
 
-    adam_cfg = cfg.replace(reptile_outer="adam", meta_lr=0.01, lr_schedule="constant")
+    adam_cfg = cfg.with_learner(reptile_outer="adam").replace(meta_lr=0.01, lr_schedule="constant")
     adam = MetaOptimizer(initial_params(adam_cfg), adam_cfg, total_steps=10)
     assert isinstance(adam.optimizer, torch.optim.Adam)
     assert adam.learning_rate(5) == pytest.approx(0.01)

@@ -55,7 +55,6 @@ EXACT = dict(
     precision="float32",
     hidden=16,
     meta_batch=6,
-    inner_steps=1,
     steps=4,
     val_every=2,
     val_episodes=4,
@@ -64,13 +63,27 @@ EXACT = dict(
     seed=1,
     num_threads=1,
 )
+LEARNER_EXACT = {
+    # one inner SGD step: what the flat config's defaults gave every learner before nested
+    # learner configs (ReptileConfig's own defaults are supervised-reptile's 5 Adam steps)
+    "reptile": {"inner_steps": 1, "inner_lr": 0.4, "inner_optimizer": "sgd", "eval_inner_steps": 3},
+    "fomaml": {"inner_steps": 1},
+}
+
+
+def exact(learner: str = "protonet", **changes) -> TrainConfig:
+    """The EXACT config for `learner`, with its LEARNER_EXACT settings."""
+    return TrainConfig(learner=learner, learner_config=LEARNER_EXACT.get(learner),
+                       **{**EXACT, **changes})
+
+
 # More compute per call (so a kill lands mid-call), compared against a clean distributed run.
 FAULT = TrainConfig(
     learner="fomaml",
     precision="float32",
     hidden=16,
     meta_batch=6,
-    inner_steps=3,
+    learner_config={"inner_steps": 3},
     steps=6,
     val_every=3,
     val_episodes=4,
@@ -115,7 +128,7 @@ def local_ray():
 def pool(images, local_ray):
     """Three workers shared by the module's runs: a worker process costs seconds to start."""
     with WorkerPool(
-        images, 3, config=TrainConfig(learner="reptile", **EXACT), options=ONE_CPU
+        images, 3, config=exact("reptile"), options=ONE_CPU
     ) as p:
         yield p
 
@@ -184,7 +197,7 @@ def test_plan_shares_cpus_and_gpus():
 def test_shards_partition_the_meta_batch(images):
     from pipeline.train import TrainingData
 
-    data = TrainingData.build(images, TrainConfig(**EXACT))
+    data = TrainingData.build(images, exact())
     specs = data.specs_for_step(0)
     for n in (1, 2, 3, 4, 6):
         shards = shard_specs(specs, n)
@@ -195,12 +208,12 @@ def test_shards_partition_the_meta_batch(images):
 def test_fresh_run_refuses_a_directory_with_checkpoints(images, tmp_path):
     CheckpointDir(tmp_path / "checkpoints").save(2, {"x": 1}, {"config": {}})
     with pytest.raises(CheckpointError, match="--resume"):
-        train_distributed(TrainConfig(**EXACT), images, tmp_path, workers=1)
+        train_distributed(exact(), images, tmp_path, workers=1)
 
 
 def test_server_counts_each_tag_once_and_drops_stale_updates(images, tmp_path):
     """The parameter server's bookkeeping, called in-process (no actor): dedup, staleness, orphans."""
-    cfg = TrainConfig(learner="reptile", **{**EXACT, "val_episodes": 2})
+    cfg = exact("reptile", val_episodes=2)
     split = _split(images, cfg)
     ps = ParameterServer(cfg.to_dict(), images, split, str(tmp_path / "sync"), mode="sync")
     ids = ps.data.specs_for_step(0).task_ids.tolist()
@@ -243,7 +256,7 @@ def _split(images, cfg):
 def test_sync_training_matches_the_single_process_trainer(
     learner, images, pool, trainer_runs, tmp_path
 ):
-    cfg = TrainConfig(learner=learner, **EXACT)
+    cfg = exact(learner)
     expected, expected_val = trainer_runs(cfg)
     for workers in (1, 2, 3):
         result = train_distributed(
@@ -519,7 +532,7 @@ def test_pooled_worker_restarted_between_steps_is_reconfigured(
     images, pool, trainer_runs, tmp_path
 ):
     # The pool's workers were created for reptile; Ray restarts a killed one with that config.
-    cfg = TrainConfig(learner="fomaml", **EXACT)
+    cfg = exact("fomaml")
     trainer: DistributedTrainer
     killed: list[int] = []
 
@@ -606,7 +619,8 @@ def test_killed_driver_resumes_with_the_same_config_data_and_rng(
         "queries": 5,
         "checkpoint_every": 3,
         "val_every": 6,
-        "eval_inner_steps": 5,
+        "learner.inner_steps": 1,
+        "learner.eval_inner_steps": 5,
     }
     del sets["steps"]
     overrides = [f"{key}={value}" for key, value in sets.items()]

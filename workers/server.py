@@ -92,7 +92,7 @@ class ParameterServer:
         self.data = TrainingData.build(
             resolve_images(images), self.config, DomainSplit.from_dict(split)
         )
-        self.learner = build_learner(self.config)
+        self.learner = build_learner(self.config, "cpu")  # validation runs beside the CPU params
         self.template = param_template(self.config)
         self.checkpoints = CheckpointDir(
             self.out_dir / "checkpoints", keep_last=self.config.keep_last

@@ -21,7 +21,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.images import ImageSet
 from pipeline.tasks import DomainSplit, EpisodeSpecs
-from pipeline.train import TrainingData, build_learner, build_model
+from pipeline.train import TrainingData, build_learner
+from pipeline.train import param_template as learner_param_template
 
 from .protocol import Snapshot, UpdateHeader, WorkerInfo
 
@@ -39,10 +40,9 @@ def make_run_key(config: dict[str, Any], split: dict[str, Any]) -> str:
 
 
 def param_template(config: TrainConfig) -> Params:
-    """Names and shapes of the meta-parameters, on the meta device (no memory, no RNG use)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    return {name: p.detach() for name, p in model.named_parameters()}
+    """Names and shapes of the meta-parameters, on the meta device (no memory, no RNG use):
+    the learner's own template (`Learner.param_template`)."""
+    return {name: p.detach() for name, p in learner_param_template(config).items()}
 
 
 def flat_to_params(

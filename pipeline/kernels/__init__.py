@@ -69,8 +69,31 @@ def _build() -> ModuleType | None:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled pooling kernels, or None (disabled or unavailable)."""
+    """The compiled pooling kernels, or None (disabled or unavailable).
+
+    For CPU tensors only: callers check the device first (`kernel_backend`, `for_tensor`), so
+    the extension is never loaded, nor called, for a CUDA (or meta) tensor."""
     return _build() if enabled() else None
 
 
-__all__ = ["enabled", "cpu_kernels"]
+def kernel_backend(device: object) -> str:
+    """The backend of the memory-bound steps for tensors on `device` (a torch.device, a string
+    such as "cpu" or "cuda:0", or a tensor): "cpu_fused" (the compiled kernels, where allowed)
+    for CPU only, "torch" (PyTorch ops) for every other device. Decides from the device alone:
+    never loads the extension."""
+    import torch
+
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    if torch.device(device).type != "cpu" or not enabled():
+        return "torch"
+    return "cpu_fused"
+
+
+def for_tensor(x: object) -> ModuleType | None:
+    """The compiled kernels for tensor `x`, or None: None for any non-CPU tensor (checked
+    before anything is loaded), else `cpu_kernels()`."""
+    return cpu_kernels() if kernel_backend(x) == "cpu_fused" else None
+
+
+__all__ = ["enabled", "cpu_kernels", "for_tensor", "kernel_backend"]

@@ -1,4 +1,4 @@
-"""Meta-learners: Reptile, first-order MAML, MAML, Prototypical Networks.
+"""Meta-learners: Prototypical Networks, Reptile, MAML, first-order MAML.
 
     learner = make_learner("maml", MAMLConfig(inner_lr=0.4), ways=5)
     params = learner.init_params()                       # dict[str, Tensor]
@@ -6,31 +6,38 @@
     # meta-optimizer step on {k: g / metrics["tasks"]} (or / total tasks over shards)
     logits = learner.adapt_and_predict(params, test_episodes, bn_mode="transductive")
 
-See pipeline/learners/base.py for the contract.
+See pipeline/learners/base.py for the contract and pipeline/learners/registry.py for how a
+learner plugs in: one file here (its config, its class, `@register`), one line in
+`LEARNER_MODULES`, and its test.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 from torch import nn
 
+from pipeline.config import LearnerConfig
+from pipeline.learners import registry
 from pipeline.learners.base import BN_MODES, METRICS, PRECISIONS, BNMode, Learner, Precision
-from pipeline.learners.fomaml import FOMAML
-from pipeline.learners.maml import MAML, MAMLConfig
-from pipeline.learners.protonet import ProtoNet, ProtoNetConfig
-from pipeline.learners.reptile import Reptile, ReptileConfig, reptile_meta_step_size
-from pipeline.models import conv4
+
+LEARNER_MODULES = ("protonet", "reptile", "maml", "fomaml")
+"""The learner files, imported (and so registered) in this order: the order of `--learner`'s
+accepted values."""
+
+for _module in LEARNER_MODULES:
+    importlib.import_module(f"pipeline.learners.{_module}")
+
+from pipeline.learners.fomaml import FOMAML  # noqa: E402
+from pipeline.learners.maml import MAML, MAMLConfig  # noqa: E402
+from pipeline.learners.protonet import ProtoNet, ProtoNetConfig  # noqa: E402
+from pipeline.learners.reptile import Reptile, ReptileConfig, reptile_meta_step_size  # noqa: E402
 
 LEARNERS: dict[str, tuple[type[Learner], type]] = {
-    "reptile": (Reptile, ReptileConfig),
-    "fomaml": (FOMAML, MAMLConfig),
-    "maml": (MAML, MAMLConfig),
-    "protonet": (ProtoNet, ProtoNetConfig),
+    cls.name: (cls, cls.config_class) for cls in registry.learner_classes()
 }
-"""name -> (learner class, config class)."""
-
-LearnerConfig = MAMLConfig | ReptileConfig | ProtoNetConfig
+"""name -> (learner class, config class), from the registry."""
 
 
 def make_learner(
@@ -46,18 +53,19 @@ def make_learner(
     max_tasks_per_call: int | Literal["auto"] | None = "auto",
     precision: Precision = "float32",
 ) -> Learner:
-    """The learner called `name` ("reptile", "fomaml", "maml", "protonet").
+    """The learner registered as `name` (`registry.names()`).
 
-    `config`: that learner's config (`LEARNERS[name][1]`; default: its defaults). `model`:
-    the network (default: `conv4(in_channels, ways, hidden, image_size)`, without head for
-    "protonet"; build it under a torch seed for reproducible initial weights). `backend`,
-    `max_tasks_per_call` and `precision`: see `Learner.__init__`.
+    `config`: that learner's config (its `config_class`; default: its defaults). `model`:
+    the network (default: the learner's `build_model` for a conv4 of these sizes: with a
+    `ways`-way head where the learner has one; build it under a torch seed for reproducible
+    initial weights). `backend`, `max_tasks_per_call` and `precision`: see `Learner.__init__`.
     """
-    if name not in LEARNERS:
+    if name not in registry.names():
         raise ValueError(
-            f"make_learner: unknown learner {name!r}; choose one of {sorted(LEARNERS)}"
+            f"make_learner: unknown learner {name!r}; choose one of {sorted(registry.names())}"
         )
-    cls, config_cls = LEARNERS[name]
+    cls = registry.learner_class(name)
+    config_cls = cls.config_class
     if config is None:
         config = config_cls()
     if not isinstance(config, config_cls):
@@ -65,7 +73,10 @@ def make_learner(
             f"make_learner: {name!r} takes a {config_cls.__name__}, got {type(config).__name__}"
         )
     if model is None:
-        model = conv4(in_channels, None if name == "protonet" else ways, hidden, image_size)
+        from types import SimpleNamespace
+
+        model = cls.build_model(SimpleNamespace(  # type: ignore[arg-type]
+            channels=in_channels, ways=ways, hidden=hidden, image_size=image_size))
     return cls(
         model, config, backend=backend, max_tasks_per_call=max_tasks_per_call, precision=precision
     )
@@ -75,6 +86,7 @@ __all__ = [
     "BN_MODES",
     "FOMAML",
     "LEARNERS",
+    "LEARNER_MODULES",
     "MAML",
     "METRICS",
     "PRECISIONS",
@@ -88,5 +100,6 @@ __all__ = [
     "Reptile",
     "ReptileConfig",
     "make_learner",
+    "registry",
     "reptile_meta_step_size",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,10 @@ from torch.func import functional_call
 
 from pipeline.allocator import keep_large_allocations
 from pipeline.episodes import Episodes
-from pipeline.models import Norm, TaskNet, expand_params, params_of, task_net
+from pipeline.models import Norm, TaskNet, conv4, expand_params, params_of, task_net
+
+if TYPE_CHECKING:
+    from pipeline.config import LearnerConfig, TrainConfig
 
 Params = dict[str, Tensor]
 BNMode = Literal["transductive", "per_image", "support"]
@@ -55,6 +58,12 @@ meta-gradient. Support and query images are drawn alike, so before adaptation th
 estimate the same figure. Learners without an inner loop report "loss" and "accuracy" again.
 Divide by "tasks" for means."""
 
+AUGMENT: dict[str, float] = {
+    "augment_rotate_deg": 10.0, "augment_translate": 0.1, "augment_scale": 0.1,
+}
+"""The small affine augmentation every learner's tuned defaults train with (only six training
+alphabets in the Omniglot minimal splits); also the limits of the 8 test-time views."""
+
 CPU_CHUNK_BYTES = 64 * 2**20
 """Budget for max_tasks_per_call="auto" on CPU: as many tasks per call as keep the first
 block's activation for the support + query images of the call (images x hidden x H x W, in
@@ -69,9 +78,56 @@ temporaries are reused, not re-faulted.)"""
 
 
 class Learner(ABC):
-    """Base of all learners: holds the model skeleton, its `TaskNet` and a frozen config."""
+    """Base of all learners: holds the model skeleton, its `TaskNet` and a frozen config.
+
+    The class-level hooks below are what the platform (trainer, Ray workers and parameter
+    server, checkpoints, scoring, CLI, flows) asks of a learner; a new learner overrides the
+    ones whose defaults do not fit and registers itself (`pipeline.learners.registry`)."""
 
     name: ClassVar[str]
+    """The registered name (`anole train --learner NAME`)."""
+    config_class: ClassVar[type[LearnerConfig]]
+    """Its own config dataclass (`TrainConfig.learner_config`)."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """Tuned run settings `config_for(name)` starts from: TrainConfig fields, and the learner's
+    own under "learner_config"."""
+    has_head: ClassVar[bool] = True
+    """Whether the network ends in a `ways`-way linear head (False: an embedding)."""
+    evaluation_overrides: ClassVar[tuple[str, ...]] = ()
+    """Fields of its config that `anole evaluate` may override and reports (e.g. ProtoNets'
+    refine_steps)."""
+
+    # --- meta-parameters: the network, its template and its initialisation ------------------
+    @classmethod
+    def build_model(cls, run: TrainConfig) -> nn.Module:
+        """The network for a run: conv4, with a `ways`-way head when `has_head`."""
+        return conv4(in_channels=run.channels, out_features=run.ways if cls.has_head else None,
+                     hidden=run.hidden, image_size=run.image_size)
+
+    @classmethod
+    def param_template(cls, run: TrainConfig) -> Params:
+        """Names and shapes of the meta-parameters, on the meta device (no memory, no RNG)."""
+        with torch.device("meta"):
+            return dict(cls.build_model(run).named_parameters())
+
+    @classmethod
+    def initial_params(cls, run: TrainConfig) -> Params:
+        """Freshly initialised meta-parameters (CPU), a pure function of `run.seed` (seeds
+        torch's global generator with it, as the trainer always has)."""
+        torch.manual_seed(run.seed)
+        return params_of(cls.build_model(run))
+
+    # --- the outer update ---------------------------------------------------------------
+    @classmethod
+    def outer_optimizer(cls, config: Any, configured: str) -> str:
+        """The meta-optimizer ("adam" or "sgd") for this learner; default: the run's."""
+        return configured
+
+    @classmethod
+    def meta_step_size(cls, config: Any, step: int, total_steps: int) -> float | None:
+        """The outer step size at `step` when the learner sets its own (Reptile's anneal);
+        None: the run's meta_lr and lr_schedule."""
+        return None
 
     def __init__(
         self,
@@ -297,11 +353,6 @@ def sgd_adapt(
             step = {k: s.detach() for k, s in step.items()}
         theta = {k: theta[k] + step[k] for k in theta}
     return theta, first
-
-
-def sgd_step(theta: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float) -> Params:
-    """theta - lr * grads, key by key, each as one op (one pass over the per-task weights)."""
-    return {k: torch.add(theta[k], grads[k], alpha=-lr) for k in theta}
 
 
 def predict(

@@ -29,8 +29,10 @@ from pipeline.learners.base import (
     zeros_like,
 )
 from pipeline.learners.maml import MAML, MAMLConfig
+from pipeline.learners.registry import register
 
 
+@register
 class FOMAML(MAML):
     """First-order MAML. Config: `MAMLConfig`. Evaluation is MAML's."""
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.config import FLAG, LearnerConfig, Range, knob
 from pipeline.episodes import Episodes
 from pipeline.learners.base import (
+    AUGMENT,
     BNMode,
     Learner,
     Params,
@@ -34,33 +37,49 @@ from pipeline.learners.base import (
     task_start,
     zeros_like,
 )
+from pipeline.learners.registry import register
 
 
 @dataclass(frozen=True)
-class MAMLConfig:
+class MAMLConfig(LearnerConfig):
     """Inner loop of MAML and first-order MAML (defaults: Finn et al.'s 5-way Omniglot)."""
 
-    inner_lr: float = 0.4
+    inner_lr: float = knob(0.4, Range(gt=0))
     """Fast (inner-loop) SGD learning rate, alpha."""
-    inner_steps: int = 1
+    inner_steps: int = knob(1, Range(ge=0))
     """SGD steps on the support set during meta-training."""
-    eval_inner_steps: int = 3
-    """SGD steps on the support set in `adapt_and_predict` (unless `steps` is given)."""
-    zero_head: bool = False
+    eval_inner_steps: int = knob(3, Range(ge=0))
+    """SGD steps on the support set at evaluation (unless `steps` is given)."""
+    zero_head: bool = knob(False, FLAG)
     """Start every task from a zero linear head (Kao et al. 2022, "MAML is a Noisy Contrastive
     Learner"): the head stops memorising a label order, and the first inner step sets each
     class's weights to (a multiple of) its mean support feature. Meta-learns the body only."""
-    first_order: bool = False
+    first_order: bool = knob(False, FLAG)
     """MAML only: drop the second-order terms (treat inner gradients as constants). The
-    result equals FOMAML's; the "fomaml" learner computes it faster (no graph through the inner
+    result equals FOMAML's; the fomaml learner computes it faster (no graph through the inner
     loop)."""
 
 
+MAML_DEFAULTS: dict[str, Any] = {
+    "ways": 20, "shots": 1, "queries": 1, "meta_batch": 8, "eval_views": 8, **AUGMENT,
+    "val_every": 100, "val_episodes": 100,
+    "learner_config": {"zero_head": True, "inner_lr": 0.4, "inner_steps": 1,
+                       "eval_inner_steps": 1},
+}
+"""Tuned run settings of MAML and FOMAML: a 20-way head matching the 20-way one-shot protocol,
+started at zero for every task (Kao et al.'s zeroing trick): one inner step then turns it into
+class-mean features; evaluation fine-tunes for as many steps as training did. Measured in a
+15-core-minute budget (benchmarks/README.md, "Accuracy in a CPU budget")."""
+
+
+@register
 class MAML(Learner):
     """Second-order MAML. Config: `MAMLConfig`."""
 
     name = "maml"
+    config_class = MAMLConfig
     config: MAMLConfig
+    defaults = MAML_DEFAULTS
 
     def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
         cfg, net, ep = self.config, self.net, episodes

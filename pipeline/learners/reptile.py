@@ -11,24 +11,25 @@ Inner-loop data: by default each task trains on its support AND query images tog
 task, Reptile has no held-out loss, so sampling ways*(shots+queries) images and keeping some
 back would waste them. At evaluation (`adapt_and_predict`) only the support set is used.
 
-Inner Adam is functional and batched: per-task first/second moments [T, ...] advance with the
-parameters; a fresh state per task and per call, as supervised-reptile resets its inner Adam
-for every task. Its default beta1 = 0 follows supervised-reptile.
+The inner optimizer is `pipeline.learners.optim`'s SGD or Adam, functional and batched:
+per-task first/second moments [T, ...] advance with the parameters; a fresh state per task and
+per call, as supervised-reptile resets its inner Adam for every task. Its default beta1 = 0
+follows supervised-reptile. The batched path and the per-task reference use the same type.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import FLAG, LearnerConfig, OneOf, Range, UnitPair, knob
 from pipeline.episodes import Episodes
 from pipeline.learners.base import (
+    AUGMENT,
     HEAD,
     BNMode,
     Learner,
@@ -41,40 +42,52 @@ from pipeline.learners.base import (
     reference_metrics,
     reference_predict,
     reference_start,
-    sgd_step,
     task_start,
     zeros_like,
 )
+from pipeline.learners.optim import SGD, Adam, inner_optimizer
+from pipeline.learners.registry import register
 from pipeline.models import TaskNet
 
 
 @dataclass(frozen=True)
-class ReptileConfig:
-    """Inner loop of Reptile (defaults: supervised-reptile's Omniglot settings)."""
+class ReptileConfig(LearnerConfig):
+    """Inner loop and outer update of Reptile (defaults: supervised-reptile's Omniglot settings)."""
 
-    inner_lr: float = 1e-3
+    inner_lr: float = knob(1e-3, Range(gt=0))
     """Fast (inner-loop) learning rate of the inner optimizer."""
-    inner_steps: int = 5
+    inner_steps: int = knob(5, Range(ge=0))
     """Inner optimizer steps per task during meta-training."""
-    eval_inner_steps: int = 50
-    """Inner optimizer steps on the support set in `adapt_and_predict` (unless `steps` given)."""
-    inner_optimizer: Literal["sgd", "adam"] = "adam"
-    """"sgd" or "adam" (functional, one state per task, reset for every task)."""
-    adam_betas: tuple[float, float] = (0.0, 0.999)
+    eval_inner_steps: int = knob(50, Range(ge=0))
+    """Inner optimizer steps on the support set at evaluation (unless `steps` is given)."""
+    inner_optimizer: str = knob("adam", OneOf(("sgd", "adam")))
+    """Inner optimizer: sgd or adam (functional, one state per task, reset for every task)."""
+    adam_betas: tuple[float, float] = knob((0.0, 0.999), UnitPair())
     """Inner Adam's (beta1, beta2); supervised-reptile uses beta1 = 0."""
-    adam_eps: float = 1e-8
+    adam_eps: float = knob(1e-8, Range(gt=0))
     """Inner Adam's epsilon (added to sqrt of the bias-corrected second moment)."""
-    zero_head: bool = False
-    """Start every task from a zero linear head (as `MAMLConfig.zero_head`); the head then
-    gets no meta-update."""
-    inner_batches: int = 1
+    zero_head: bool = knob(False, FLAG)
+    """Start every task from a zero linear head (as MAML's zero_head); the head then gets no
+    meta-update."""
+    inner_batches: int = knob(1, Range(ge=1))
     """Meta-training: split each task's images into this many class-balanced minibatches and
-    take the inner steps on them in turn (supervised-reptile's inner minibatches). With more
-    than one, consecutive steps see different images, which is where Reptile's
-    generalisation term (the inner product of gradients on different batches) comes from;
-    with 1-shot support + 1 query per class, 2 alternates support and query sets."""
-    train_on_query: bool = True
-    """Meta-training inner loop uses support AND query images (True) or the support set only."""
+    take the inner steps on them in turn (supervised-reptile's inner minibatches; 2 with 1 shot
+    + 1 query alternates support and query sets); 1 is full-batch."""
+    train_on_query: bool = knob(True, FLAG)
+    """Meta-training inner loop uses support AND query images (true) or the support set only."""
+    reptile_outer: str = knob("anneal", OneOf(("anneal", "adam")))
+    """The meta-update of the mean (phi - theta) over tasks: anneal (plain steps with the
+    linearly annealed meta step of Nichol et al.) or adam (Adam with meta_lr and lr_schedule:
+    step sizes that do not depend on how far the inner loop moved)."""
+    meta_step_start: float = knob(1.0, Range(gt=0, le=1))
+    """Meta step size at the first step (linearly annealed, Nichol et al.)."""
+    meta_step_end: float = knob(0.0, Range(ge=0, le=1))
+    """Meta step size at the last step."""
+
+    def optimizer(self) -> SGD | Adam:
+        """The inner optimizer these settings describe."""
+        return inner_optimizer(self.inner_optimizer, self.inner_lr, betas=self.adam_betas,
+                               eps=self.adam_eps)
 
 
 def reptile_meta_step_size(
@@ -121,12 +134,11 @@ def inner_train(
     no autograd graph is kept. Also returns the first step's logits on its minibatch at the
     starting parameters (None when steps=0): the "before" metrics."""
     theta = {k: v.detach() for k, v in theta.items()}
-    m: Params = {}
-    v2: Params = {}
-    beta1, beta2 = cfg.adam_betas
+    opt = cfg.optimizer()
+    state = opt.init(theta)
     first = None
-    for i in range(1, steps + 1):
-        x, y = batches[(i - 1) % len(batches)]
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
 
         def loss(th: Params, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor]:
             logits = net(th, x)
@@ -135,26 +147,38 @@ def inner_train(
         grads, (_, logits) = grad_and_value(loss, has_aux=True)(theta)
         if first is None:
             first = logits.detach()
-        if cfg.inner_optimizer == "sgd":
-            theta = sgd_step(theta, grads, cfg.inner_lr)
-            continue
-        with torch.no_grad():  # in place where the tensors are ours: fewer passes
-            for k, g in grads.items():
-                if i == 1:
-                    m[k], v2[k] = (1 - beta1) * g, (1 - beta2) * g * g
-                else:
-                    m[k].mul_(beta1).add_(g, alpha=1 - beta1)
-                    v2[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = v2[k].sqrt().div_(math.sqrt(1 - beta2**i)).add_(cfg.adam_eps)
-                theta[k] = theta[k].addcdiv(m[k], denom, value=-cfg.inner_lr / (1 - beta1**i))
+        theta, state = opt.update(grads, state, theta)
     return theta, first
 
 
+@register
 class Reptile(Learner):
     """Reptile. Config: `ReptileConfig`."""
 
     name = "reptile"
+    config_class = ReptileConfig
     config: ReptileConfig
+    # A 20-way head matching the 20-way one-shot protocol, started at zero for every task;
+    # 4 inner SGD steps alternating support and query sets; evaluation fine-tunes 10 steps.
+    # Measured in a 15-core-minute budget (benchmarks/README.md, "Accuracy in a CPU budget").
+    defaults = {
+        "ways": 20, "shots": 1, "queries": 1, "meta_batch": 8, "eval_views": 8, **AUGMENT,
+        "val_every": 100, "val_episodes": 100,
+        "learner_config": {"zero_head": True, "inner_optimizer": "sgd", "inner_lr": 0.1,
+                           "inner_steps": 4, "inner_batches": 2, "eval_inner_steps": 10},
+    }
+
+    @classmethod
+    def outer_optimizer(cls, config: ReptileConfig, configured: str) -> str:
+        """Plain steps (SGD on the mean phi - theta) under the anneal, else Adam."""
+        return "adam" if config.reptile_outer == "adam" else "sgd"
+
+    @classmethod
+    def meta_step_size(cls, config: ReptileConfig, step: int, total_steps: int) -> float | None:
+        if config.reptile_outer != "anneal":
+            return None
+        return reptile_meta_step_size(step, total_steps, config.meta_step_start,
+                                      config.meta_step_end)
 
     def _inner_data(self, ep: Episodes) -> list[tuple[Tensor, Tensor]]:
         """The meta-training inner loop's minibatches (way-major within each)."""
@@ -219,30 +243,23 @@ class Reptile(Learner):
     def _reference_train(
         self, params: Mapping[str, Tensor], batches: list[tuple[Tensor, Tensor]], steps: int
     ) -> tuple[Params, Tensor | None]:
-        """One task, hand-written SGD / Adam (same formulas as torch.optim's); also the first
-        step's logits, as `inner_train`."""
+        """One task, one step at a time with the inner optimizer (the same `SGD` / `Adam` type
+        as the batched path, tested against torch.optim); also the first step's logits, as
+        `inner_train`."""
         cfg = self.config
         p = {k: v.detach() for k, v in reference_start(params, cfg.zero_head).items()}
-        m, v2 = zeros_like(p), zeros_like(p)
-        beta1, beta2 = cfg.adam_betas
+        opt = cfg.optimizer()
+        state = opt.init(p)
         first = None
-        for i in range(1, steps + 1):
-            x, y = batches[(i - 1) % len(batches)]
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
             leaf = {k: t.requires_grad_() for k, t in p.items()}
             logits = reference_forward(self.model, leaf, x)
             if first is None:
                 first = logits.detach()
             loss = F.cross_entropy(logits, y)
-            grads = torch.autograd.grad(loss, list(leaf.values()))
-            with torch.no_grad():
-                for (k, t), g in zip(leaf.items(), grads, strict=True):
-                    if cfg.inner_optimizer == "sgd":
-                        p[k] = t - cfg.inner_lr * g
-                        continue
-                    m[k] = beta1 * m[k] + (1 - beta1) * g
-                    v2[k] = beta2 * v2[k] + (1 - beta2) * g * g
-                    denom = v2[k].sqrt() / math.sqrt(1 - beta2**i) + cfg.adam_eps
-                    p[k] = t - cfg.inner_lr / (1 - beta1**i) * m[k] / denom
+            grads = dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())), strict=True))
+            p, state = opt.update(grads, state, {k: t.detach() for k, t in leaf.items()})
         return p, first
 
     def reference_meta_gradient(
