@@ -397,8 +397,10 @@ class CheckpointDir:
             # Manifest first: a payload without a manifest is ignored, never half-trusted.
             self.step_path(step).with_suffix(".json").unlink(missing_ok=True)
             self.step_path(step).unlink(missing_ok=True)
-        for aside in self.root.glob(".*.pt.old"):  # left by a process killed mid-rewrite
-            aside.unlink(missing_ok=True)
+        # Left by a process killed mid-rewrite (.pt.old) or mid-write (atomic temp files): this
+        # run's one writer has no write in flight while it prunes.
+        for leftover in [*self.root.glob(".*.pt.old"), *self.root.glob(".*.tmp")]:
+            leftover.unlink(missing_ok=True)
         best = self._best_name()
         if best is None:  # no pointer (or an unreadable one): remove nothing it might need
             return

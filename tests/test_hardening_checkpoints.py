@@ -425,3 +425,13 @@ def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", full_open)
     with pytest.raises(DiskFullError, match="metrics.jsonl; nothing was lost"):
         append_metrics(tmp_path, {"step": 1})
+
+
+def test_a_temp_file_left_by_a_killed_write_is_swept_at_the_next_save(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep_last=2)
+    state = {"meta": {"params": {"w": torch.zeros(2)}}}
+    ckpts.save(1, state, {"config": {}})
+    (tmp_path / ".step-00000002.pt.k1ll3d.tmp").write_bytes(b"half a payload")  # SIGKILL mid-write
+    ckpts.save(2, state, {"config": {}})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert ckpts.steps() == [1, 2]
