@@ -41,7 +41,10 @@ def _build() -> ModuleType | None:
         flags += ["-mavx2", "-mfma", "-mf16c"]
     if capability == "avx512":  # what PyTorch's own AVX512 kernels require of a CPU
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    # The source's path too: ninja rebuilds when a build's source path changes, so two checkouts
+    # sharing one build folder would rebuild each other's extension on every first use.
+    key = SOURCE.read_bytes() + " ".join(flags).encode() + str(SOURCE.resolve()).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
     name = f"anole_cpu_{capability}_{digest}"
     try:
         built = Path(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
