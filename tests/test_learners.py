@@ -27,6 +27,7 @@ from pipeline.learners import (
 )
 from pipeline.learners.base import Learner
 from pipeline.models import (
+    VmapNet,
     _Conv3x3,
     _MeanVar,
     conv3x3,
@@ -34,7 +35,6 @@ from pipeline.models import (
     flatten_params,
     params_of,
     resolve_precision,
-    VmapNet,
     task_net,
     unflatten_params,
 )
