@@ -317,12 +317,14 @@ def train(
 
     Ctrl-C or SIGTERM finishes the step in flight, checkpoints it and exits 130 saying how to
     resume; a second Ctrl-C exits at once."""
-    from pipeline.config import config_for, help_text
+    from pipeline.config import Range, check_values, config_for, help_text
     from pipeline.errors import ConfigError
 
     if help_config:
         typer.echo(help_text())
         return
+    check_values([("--workers", workers, Range(ge=0)), ("--minutes", minutes, Range(ge=0)),
+                  ("--steps", steps, Range(ge=1))])
     if resume and overwrite:
         raise ConfigError(f"--resume continues the run in {out} and --overwrite clears it: give one")
     _offline_env()

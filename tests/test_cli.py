@@ -133,6 +133,8 @@ BAD_ARGS = [
     (["serve", "--debounce", "-1"], "--debounce -1: must be a finite number >= 0"),
     (["train", "--set", "meta_lr=nan"], "config field 'meta_lr' = nan: must be a finite number > 0"),
     (["train", "--set", "hidden=0"], "config field 'hidden' = 0: must be an integer >= 1"),
+    (["train", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["train", "--steps", "0"], "--steps 0: must be an integer >= 1"),
     # what click cannot parse is one line too
     (["evaluate", "--episodes", "abc"], "Invalid value for '--episodes'"),
     (["run", "--bogus"], "No such option: --bogus"),
