@@ -113,7 +113,7 @@ BAD_ARGS = [
     (["run", "--minutes", "0"], "--minutes 0: must be a finite number > 0"),
     (["run", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
     (["run", "--out", "notes.txt"], "--out notes.txt is a file: give a folder"),
-    (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, maml or fomaml"),
+    (["run", "--learner", "svm[/x]"], "--learner 'svm[/x]': must be protonet, reptile, maml, fomaml, metaopt-ridge or metaopt-svm"),
     (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--episodes", "0"],
      "--episodes 0: must be an integer >= 1"),
     (["evaluate", "--checkpoint", "c.pt", "--ways", "5", "--queries", "0"],

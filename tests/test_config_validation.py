@@ -50,7 +50,7 @@ BAD = [
     ("minutes=inf", "'minutes' = inf: must be a finite number >= 0"),
     ("num_threads=-1", "'num_threads' = -1: must be an integer >= 0"),
     ("channels=2", "'channels' = 2: must be 1 or 3"),
-    ("learner=svm", "'learner' = 'svm': must be protonet, reptile, maml or fomaml"),
+    ("learner=svm", "'learner' = 'svm': must be protonet, reptile, maml, fomaml, metaopt-ridge or metaopt-svm"),
     ("bn_mode=batch", "'bn_mode' = 'batch': must be transductive, per_image or support"),
     ("rotations=maybe", "'rotations' = 'maybe': must be true or false"),
 ]

@@ -117,7 +117,7 @@ def test_set_of_a_field_the_learner_lacks_is_one_line_naming_its_fields():
     assert "temperature, refine_steps" in text
     with pytest.raises(ConfigError, match="set it as learner.inner_lr"):
         TrainConfig.load(None, ["inner_lr=0.1"])  # the old flat key says where it went
-    with pytest.raises(ConfigError, match="must be protonet, reptile, maml or fomaml"):
+    with pytest.raises(ConfigError, match="must be protonet, reptile, maml, fomaml, metaopt-ridge or metaopt-svm"):
         TrainConfig.load(None, ["learner=svm"])
 
 

@@ -1,4 +1,4 @@
-"""Meta-learners: Prototypical Networks, Reptile, MAML, first-order MAML.
+"""Meta-learners: Prototypical Networks, Reptile, MAML, first-order MAML, MetaOptNet (ridge, SVM).
 
     learner = make_learner("maml", MAMLConfig(inner_lr=0.4), ways=5)
     params = learner.init_params()                       # dict[str, Tensor]
@@ -22,7 +22,7 @@ from pipeline.config import LearnerConfig
 from pipeline.learners import registry
 from pipeline.learners.base import BN_MODES, METRICS, PRECISIONS, BNMode, Learner, Precision
 
-LEARNER_MODULES = ("protonet", "reptile", "maml", "fomaml")
+LEARNER_MODULES = ("protonet", "reptile", "maml", "fomaml", "metaopt")
 """The learner files, imported (and so registered) in this order: the order of `--learner`'s
 accepted values."""
 
