@@ -245,6 +245,64 @@ class Learner(ABC):
 # Batched helpers: parameters [T, ...], images [T, N, C, H, W], labels [T, N]
 
 
+class NoInnerLoopLearner(Learner):
+    """A learner whose task adaptation is a closed-form function of the support embeddings
+    (prototypes, a ridge or SVM head): no inner loop, so the meta-gradient is the gradient of
+    the query loss. A subclass gives `_logits` (batched) and `_reference_logits` (one task);
+    `evaluating` is False for the training loss and True at `adapt_and_predict`."""
+
+    @abstractmethod
+    def _logits(self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode, *,
+                evaluating: bool) -> Tensor:
+        """Query logits [T, Q, ways] of every task of `ep`."""
+
+    @abstractmethod
+    def _reference_logits(self, params: Mapping[str, Tensor], ep: Episodes, t: int,
+                          bn_mode: BNMode, *, evaluating: bool) -> Tensor:
+        """Query logits [Q, ways] of task `t` alone (plain autograd, the test oracle)."""
+
+    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
+        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
+            logits = self._logits(phi, episodes, "transductive", evaluating=False)
+            return loss_sum(logits, episodes.query_y), logits
+
+        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
+        return grads, metrics_dict(episodes.num_tasks, logits, episodes.query_y)
+
+    def _adapt_and_predict(
+        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
+    ) -> Tensor:
+        with torch.no_grad():
+            return self._logits(params, episodes, bn_mode, evaluating=True)
+
+    def reference_meta_gradient(
+        self, params: Mapping[str, Tensor], episodes: Episodes
+    ) -> tuple[Params, dict[str, float]]:
+        phi = {k: v.detach().requires_grad_() for k, v in params.items()}
+        total = zeros_like(phi)
+        logits = []
+        for t in range(episodes.num_tasks):
+            out = self._reference_logits(phi, episodes, t, "transductive", evaluating=False)
+            loss = F.cross_entropy(out, episodes.query_y[t])
+            add_into(total, torch.autograd.grad(loss, list(phi.values())))
+            logits.append(out.detach())
+        return total, reference_metrics(logits, episodes.query_y)
+
+    def reference_adapt_and_predict(
+        self,
+        params: Mapping[str, Tensor],
+        episodes: Episodes,
+        *,
+        steps: int | None = None,
+        bn_mode: BNMode = "transductive",
+    ) -> Tensor:
+        with torch.no_grad():
+            return torch.stack([
+                self._reference_logits(params, episodes, t, bn_mode, evaluating=True)
+                for t in range(episodes.num_tasks)
+            ])
+
+
 def loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Sum over tasks of each task's mean cross-entropy. logits [T, N, ways], labels [T, N]."""
     return (

@@ -38,18 +38,12 @@ from pipeline.heads import ridge_head, svm_head
 from pipeline.learners.base import (
     AUGMENT,
     BNMode,
-    Learner,
+    NoInnerLoopLearner,
     Params,
-    add_into,
-    grad_and_value,
-    loss_sum,
-    metrics_dict,
     predict,
     reference_forward,
-    reference_metrics,
     reference_predict,
     shared,
-    zeros_like,
 )
 from pipeline.learners.registry import register
 
@@ -88,7 +82,7 @@ class MetaOptSVMConfig(LearnerConfig):
     adds 1.0."""
 
 
-class _MetaOpt(Learner):
+class _MetaOpt(NoInnerLoopLearner):
     """Common part: conv4 embedding, learnable logit scale, a linear head fitted per task."""
 
     has_head = False
@@ -125,27 +119,15 @@ class _MetaOpt(Learner):
         """Query logits [T, Q, ways] from embeddings [T, S, D], labels [T, S], [T, Q, D]."""
         raise NotImplementedError
 
-    def _logits(self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode) -> Tensor:
+    def _logits(
+        self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode, *, evaluating: bool
+    ) -> Tensor:
         scale = params[SCALE]
         body = {k: v for k, v in params.items() if k != SCALE}
         theta = shared(body, ep.num_tasks)
         support = self.net(theta, ep.support_x).to(scale.dtype)
         query = predict(self.net, theta, ep, bn_mode).to(scale.dtype)
         return self._head(support, ep.support_y, query, ep.ways, scale)
-
-    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
-        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
-            logits = self._logits(phi, episodes, "transductive")
-            return loss_sum(logits, episodes.query_y), logits
-
-        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
-        return grads, metrics_dict(episodes.num_tasks, logits, episodes.query_y)
-
-    def _adapt_and_predict(
-        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
-    ) -> Tensor:
-        with torch.no_grad():
-            return self._logits(params, episodes, bn_mode)
 
     # --- the per-task reference loop --------------------------------------------------------
     def _reference_head(
@@ -155,40 +137,14 @@ class _MetaOpt(Learner):
         raise NotImplementedError
 
     def _reference_logits(
-        self, params: Mapping[str, Tensor], ep: Episodes, t: int, bn_mode: BNMode
+        self, params: Mapping[str, Tensor], ep: Episodes, t: int, bn_mode: BNMode, *,
+        evaluating: bool,
     ) -> Tensor:
         scale = params[SCALE]
         body = {k: v for k, v in params.items() if k != SCALE}
         support = reference_forward(self.model, body, ep.support_x[t]).to(scale.dtype)
         query = reference_predict(self.model, body, ep.support_x[t], ep.query_x[t], bn_mode)
         return self._reference_head(support, ep.support_y[t], query.to(scale.dtype), ep.ways, scale)
-
-    def reference_meta_gradient(
-        self, params: Mapping[str, Tensor], episodes: Episodes
-    ) -> tuple[Params, dict[str, float]]:
-        phi = {k: v.detach().requires_grad_() for k, v in params.items()}
-        total = zeros_like(phi)
-        logits = []
-        for t in range(episodes.num_tasks):
-            out = self._reference_logits(phi, episodes, t, "transductive")
-            loss = F.cross_entropy(out, episodes.query_y[t])
-            add_into(total, torch.autograd.grad(loss, list(phi.values())))
-            logits.append(out.detach())
-        return total, reference_metrics(logits, episodes.query_y)
-
-    def reference_adapt_and_predict(
-        self,
-        params: Mapping[str, Tensor],
-        episodes: Episodes,
-        *,
-        steps: int | None = None,
-        bn_mode: BNMode = "transductive",
-    ) -> Tensor:
-        with torch.no_grad():
-            return torch.stack(
-                [self._reference_logits(params, episodes, t, bn_mode)
-                 for t in range(episodes.num_tasks)]
-            )
 
 
 @register
@@ -225,18 +181,15 @@ class MetaOptSVM(_MetaOpt):
     # Untuned (no accuracy measured yet).
     defaults = {"ways": 20, "shots": 1, "queries": 5, **_MetaOpt._common}
 
-    def _svm(self, support, support_y, query, ways, scale):
+    def _head(self, support, support_y, query, ways, scale):
         c = self.config
         logits, _ = svm_head(support, support_y, query, ways, C=c.C, max_iter=c.max_iter,
                              tol=c.tol, scale=scale, dual_ridge=c.dual_ridge)
         return logits
 
-    def _head(self, support, support_y, query, ways, scale):
-        return self._svm(support, support_y, query, ways, scale)
-
     def _reference_head(self, support, support_y, query, ways, scale):
         # one task at a time (T = 1); the solver itself is tested against scipy in test_heads
-        return self._svm(support[None], support_y[None], query[None], ways, scale)[0]
+        return self._head(support[None], support_y[None], query[None], ways, scale)[0]
 
 
 __all__ = ["SCALE", "MetaOptRidge", "MetaOptRidgeConfig", "MetaOptSVM", "MetaOptSVMConfig"]

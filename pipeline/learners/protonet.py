@@ -29,18 +29,11 @@ from pipeline.episodes import Episodes
 from pipeline.learners.base import (
     AUGMENT,
     BNMode,
-    Learner,
-    Params,
-    add_into,
-    grad_and_value,
-    loss_sum,
-    metrics_dict,
+    NoInnerLoopLearner,
     predict,
     reference_forward,
-    reference_metrics,
     reference_predict,
     shared,
-    zeros_like,
 )
 from pipeline.learners.registry import register
 
@@ -111,7 +104,7 @@ def reference_proto_logits(
 
 
 @register
-class ProtoNet(Learner):
+class ProtoNet(NoInnerLoopLearner):
     """Prototypical Networks. Config: `ProtoNetConfig`. The model must have no head."""
 
     name = "protonet"
@@ -130,74 +123,25 @@ class ProtoNet(Learner):
         "learner_config": {"refine_steps": 3},
     }
 
-    def _refine_steps(self, bn_mode: BNMode) -> int:
-        return self.config.refine_steps if bn_mode == "transductive" else 0
+    def _refine_steps(self, bn_mode: BNMode, evaluating: bool) -> int:
+        # Refinement is transductive and a test-time step: never in the training loss.
+        return self.config.refine_steps if evaluating and bn_mode == "transductive" else 0
 
     def _logits(
-        self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode, refine_steps: int = 0
+        self, params: Mapping[str, Tensor], ep: Episodes, bn_mode: BNMode, *, evaluating: bool
     ) -> Tensor:
         theta = shared(params, ep.num_tasks)
         support = self.net(theta, ep.support_x)
         query = predict(self.net, theta, ep, bn_mode)
-        return proto_logits(
-            support, ep.support_y, query, ep.ways, self.config.temperature, refine_steps
-        )
-
-    def _meta_gradient(self, params: Params, episodes: Episodes) -> tuple[Params, dict[str, float]]:
-        def query_loss(phi: Params) -> tuple[Tensor, Tensor]:
-            logits = self._logits(phi, episodes, "transductive")
-            return loss_sum(logits, episodes.query_y), logits
-
-        grads, (_, logits) = grad_and_value(query_loss, has_aux=True)(params)
-        return grads, metrics_dict(episodes.num_tasks, logits, episodes.query_y)
-
-    def _adapt_and_predict(
-        self, params: Params, episodes: Episodes, steps: int | None, bn_mode: BNMode
-    ) -> Tensor:
-        with torch.no_grad():
-            return self._logits(params, episodes, bn_mode, self._refine_steps(bn_mode))
+        return proto_logits(support, ep.support_y, query, ep.ways, self.config.temperature,
+                            self._refine_steps(bn_mode, evaluating))
 
     def _reference_logits(
-        self,
-        params: Mapping[str, Tensor],
-        ep: Episodes,
-        t: int,
-        bn_mode: BNMode,
-        refine_steps: int = 0,
+        self, params: Mapping[str, Tensor], ep: Episodes, t: int, bn_mode: BNMode, *,
+        evaluating: bool,
     ) -> Tensor:
         support = reference_forward(self.model, params, ep.support_x[t])
         query = reference_predict(self.model, params, ep.support_x[t], ep.query_x[t], bn_mode)
-        return reference_proto_logits(
-            support, ep.support_y[t], query, ep.ways, self.config.temperature, refine_steps
-        )
-
-    def reference_meta_gradient(
-        self, params: Mapping[str, Tensor], episodes: Episodes
-    ) -> tuple[Params, dict[str, float]]:
-        phi = {k: v.detach().requires_grad_() for k, v in params.items()}
-        total = zeros_like(phi)
-        logits = []
-        for t in range(episodes.num_tasks):
-            out = self._reference_logits(phi, episodes, t, "transductive")
-            loss = F.cross_entropy(out, episodes.query_y[t])
-            add_into(total, torch.autograd.grad(loss, list(phi.values())))
-            logits.append(out.detach())
-        return total, reference_metrics(logits, episodes.query_y)
-
-    def reference_adapt_and_predict(
-        self,
-        params: Mapping[str, Tensor],
-        episodes: Episodes,
-        *,
-        steps: int | None = None,
-        bn_mode: BNMode = "transductive",
-    ) -> Tensor:
-        with torch.no_grad():
-            return torch.stack(
-                [
-                    self._reference_logits(
-                        params, episodes, t, bn_mode, self._refine_steps(bn_mode)
-                    )
-                    for t in range(episodes.num_tasks)
-                ]
-            )
+        return reference_proto_logits(support, ep.support_y[t], query, ep.ways,
+                                      self.config.temperature,
+                                      self._refine_steps(bn_mode, evaluating))
